@@ -1,0 +1,1 @@
+"""Ray Data video-annotation pipeline: read, decode frames, annotate on actors, write Parquet, account."""

@@ -1,0 +1,42 @@
+"""The prompts of the three annotation tasks, defined once.
+
+The pipeline builds every prompt here, and the demo model is trained on exactly these strings, so a
+caption, question or multiple-choice item reads the same at training, annotation and evaluation time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+CAPTION_PROMPT = "Describe the video."
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJ"
+
+
+def format_mcq_prompt(question: str, options: Sequence[str]) -> str:
+    """``question`` then one ``"A. option"`` line per option, then the answer instruction."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"an MCQ item needs 2 to {len(LETTERS)} options, got {len(options)}")
+    lines = [question.strip()]
+    lines += [f"{LETTERS[i]}. {option.strip()}" for i, option in enumerate(options)]
+    lines.append(MCQ_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def parse_mcq_answer(text: str, num_options: int) -> str | None:
+    """The first standalone option letter in a model's answer (``"B"``, ``"B."``, ``"(B)"``), or None."""
+    valid = LETTERS[:num_options]
+    match = re.search(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", text.strip())
+    return match.group(1) if match else None
+
+
+def answer_letter(answer: str, options: Sequence[str]) -> str | None:
+    """Normalise a ground-truth answer given as a letter or as the option text to its letter."""
+    answer = answer.strip()
+    if len(answer) == 1 and answer.upper() in LETTERS[: len(options)]:
+        return answer.upper()
+    for i, option in enumerate(options):
+        if option.strip().lower() == answer.lower():
+            return LETTERS[i]
+    return None

@@ -1,0 +1,87 @@
+"""StdConfig: every knob of the Sparse-to-Dense decoder, frozen and validated.
+
+Vocabulary (used the same way everywhere in ``std_core``):
+
+- *dense*: the model with full attention over its whole KV cache. The dense model's greedy output is
+  the reference; StD never changes it.
+- *sparse*: the same weights attending to a compact copy of the KV cache that holds every non-visual
+  prompt token, the top-K visual tokens of each (layer, KV head), and every generated token.
+- *draft*: one sparse forward that proposes the next token. gamma (γ) drafts are proposed per round.
+- *verify*: one dense forward over ``[pending] + drafts`` (γ + 1 positions).
+- *accepted*: drafted tokens equal to (greedy) or accepted by the rejection rule against (sampling)
+  the dense prediction, counted as the longest prefix.
+- *bonus*: the dense token that follows the accepted prefix; every round commits accepted + 1 tokens.
+- *round*: draft γ → verify → accept → roll back.
+- *sparse budget*: K + m_t, the number of prompt tokens the sparse cache keeps per (layer, KV head);
+  m_t is the number of non-visual prompt tokens (always kept), K the number of visual tokens kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["std", "dense"]
+Verify = Literal["parallel", "sequential"]
+Selection = Literal["text_topk", "sink_window"]
+SelectionQueries = Literal["all_text", "after_visual"]
+
+_MODES = ("std", "dense")
+_VERIFY = ("parallel", "sequential")
+_SELECTION = ("text_topk", "sink_window")
+_QUERIES = ("all_text", "after_visual")
+
+
+@dataclass(frozen=True)
+class StdConfig:
+    """Configuration of :class:`std_core.SparseToDenseDecoder`.
+
+    Attributes:
+        mode: ``"std"`` drafts with the sparse cache and verifies densely; ``"dense"`` runs plain
+            autoregressive decoding through the same code path (the fair baseline, and the fallback).
+        gamma: drafts per round (paper: 9). Larger γ amortises a verify over more tokens but wastes
+            more drafts after a rejection.
+        sparse_budget: prompt tokens kept in the sparse cache per (layer, KV head), K + m_t
+            (paper: 1024). Non-visual prompt tokens are always kept, so K = budget − m_t, clamped to
+            [0, visual tokens].
+        verify: ``"parallel"`` checks all γ + 1 positions in one dense forward (fast; in bf16/fp16 a
+            near-tie can flip because the reduction order differs from one-token decoding).
+            ``"sequential"`` checks one position per forward: the same numerics as plain decoding,
+            exact in every dtype, but slower.
+        selection: ``"text_topk"`` is the paper's draft: per (layer, KV head) the K visual tokens that
+            the prompt's text attends to most. ``"sink_window"`` keeps the first ``sink_tokens`` visual
+            tokens plus the last K − sink visual tokens (a StreamingLLM-style draft, same budget), for
+            comparison.
+        selection_queries: which text tokens score the visual tokens. ``"all_text"`` averages over all
+            text tokens; text before the first visual token cannot attend to it (causal), so only text
+            after the first visual token is used, which ranks exactly as the paper's average.
+            ``"after_visual"`` uses only the text after the last visual token (question + assistant
+            header), as the independent reproduction did.
+        sink_tokens: visual tokens always kept at the start by ``"sink_window"``.
+    """
+
+    mode: Mode = "std"
+    gamma: int = 9
+    sparse_budget: int = 1024
+    verify: Verify = "parallel"
+    selection: Selection = "text_topk"
+    selection_queries: SelectionQueries = "all_text"
+    sink_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"StdConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if not isinstance(self.gamma, int) or self.gamma < 1:
+            raise ValueError(f"StdConfig.gamma must be an integer >= 1, got {self.gamma!r}")
+        if not isinstance(self.sparse_budget, int) or self.sparse_budget <= 0:
+            raise ValueError(f"StdConfig.sparse_budget must be an integer > 0, got {self.sparse_budget!r}")
+        if self.verify not in _VERIFY:
+            raise ValueError(f"StdConfig.verify must be one of {_VERIFY}, got {self.verify!r}")
+        if self.selection not in _SELECTION:
+            raise ValueError(f"StdConfig.selection must be one of {_SELECTION}, got {self.selection!r}")
+        if self.selection_queries not in _QUERIES:
+            raise ValueError(
+                f"StdConfig.selection_queries must be one of {_QUERIES}, got {self.selection_queries!r}"
+            )
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"StdConfig.sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
