@@ -2,8 +2,24 @@
 
 ``std_core`` sees token ids and pixel tensors and returns ids and statistics: it imports torch and
 transformers only (no Ray, no storage, no printing).
+
+    from std_core import StdConfig, SparseToDenseDecoder
+    decoder = SparseToDenseDecoder(model, StdConfig(gamma=9, sparse_budget=1024))
+    result = decoder.generate(**inputs, max_new_tokens=128)
+    result.sequences, result.stats
 """
 
 from std_core.config import StdConfig
+from std_core.decoder import GenerateResult, SparseToDenseDecoder
+from std_core.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from std_core.stats import DecodeStats, RowStats
 
-__all__ = ["StdConfig"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "DecodeStats",
+    "GenerateResult",
+    "RowStats",
+    "SparseToDenseDecoder",
+    "StdConfig",
+    "UnsupportedModelError",
+]

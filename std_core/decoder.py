@@ -1,0 +1,332 @@
+"""SparseToDenseDecoder: prefill → select once → rounds of draft / verify / accept / roll back.
+
+The decoder runs inside ``model.generate(custom_generate=...)``: transformers prepares the generation
+config, the logits processors, the stopping criteria, the prompt positions and the vision features
+exactly as for plain decoding, then hands over. Then:
+
+1. **Prefill** the prompt with the model's own attention into the dense :class:`SlotCache`, while
+   the selection observer scores the visual tokens from the prefill's post-RoPE text queries.
+2. **Select once**: gather the sparse cache (non-visual prompt tokens + top-K visual per layer and
+   KV head, ascending positions).
+3. **Rounds** until every row stops: *draft* γ tokens with the sparse cache, *verify*
+   ``[pending] + drafts`` with the dense cache, *accept* the agreeing prefix plus the bonus token,
+   and *roll back*: both caches keep exactly ``pending + accepted`` (the dense states of committed
+   tokens), per row. ``mode="dense"`` is the same loop with γ = 0.
+
+Rows are independent: each has its own accepted length, committed count and cache length, so one
+row's rejection never discards another row's accepted tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from std_core.acceptance import (
+    accepted_length,
+    greedy_agreement,
+    greedy_bonus,
+    residual_distribution,
+    sample,
+    sampling_agreement,
+)
+from std_core.attention import attention_phase, install
+from std_core.config import StdConfig
+from std_core.kv_cache import SlotCache
+from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
+from std_core.processing import Scorer, StopRule
+from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
+from std_core.stats import DecodeStats, PhaseTimer, RowStats
+from std_core.validation import validate_generate_inputs
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """``sequences [B, prompt_len + new]`` laid out as ``model.generate`` returns them, and the stats."""
+
+    sequences: torch.Tensor
+    stats: DecodeStats
+
+
+class SparseToDenseDecoder:
+    """Lossless self-speculative decoding for a loaded Video-LLM (see the module docstring).
+
+    ``model`` is a loaded ``...ForConditionalGeneration`` of a supported architecture. Construction
+    routes its language model's attention through StD's registered function, which behaves exactly
+    like the original outside this decoder's calls.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: StdConfig | None = None) -> None:
+        self.spec: ModelSpec = inspect_model(model)
+        self.model = model
+        self.config = config or StdConfig()
+        install(model)
+
+    def generate(
+        self, *, max_new_tokens: int | None = None, generator: torch.Generator | None = None, **inputs: object
+    ) -> GenerateResult:
+        """Decode a batch of processor inputs; greedy unless ``do_sample=True`` (then temperature,
+        top_p, top_k warp as in ``generate``, and ``generator`` seeds the draws)."""
+        validate_generate_inputs(self.model, self.spec, inputs, max_new_tokens)
+        if max_new_tokens is not None:
+            inputs["max_new_tokens"] = max_new_tokens
+        with torch.inference_mode():
+            return self.model.generate(**inputs, custom_generate=_Decode(self, generator))
+
+
+class _Decode:
+    """One ``generate`` call: the ``custom_generate`` callable and the per-call decode state."""
+
+    def __init__(self, decoder: SparseToDenseDecoder, generator: torch.Generator | None) -> None:
+        self.model, self.spec, self.config = decoder.model, decoder.spec, decoder.config
+        self.generator = generator
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        logits_processor: object,
+        stopping_criteria: object,
+        generation_config: object,
+        synced_gpus: bool = False,
+        streamer: object = None,
+        **model_kwargs: object,
+    ) -> GenerateResult:
+        batch, prompt_len = input_ids.shape
+        self.do_sample = bool(generation_config.do_sample)
+        self.gamma = self.config.gamma if self.config.mode == "std" else 0
+        self.timer = PhaseTimer(input_ids.device)
+        self.scorer = Scorer(logits_processor)
+        self.stop = StopRule(stopping_criteria, prompt_len, generation_config.max_length)
+        self.prompt_len = prompt_len
+        pad = generation_config._pad_token_tensor
+        self.pad_id = int(pad) if pad is not None else 0
+        valid = model_kwargs.get("attention_mask")
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
+        visual = torch.isin(input_ids, torch.tensor(self.spec.visual_token_ids, device=input_ids.device))
+        self.layout = PromptLayout.build(
+            valid, visual, self.config.sparse_budget, self.config.selection_queries
+        )
+
+        logits = self.prefill(input_ids, model_kwargs)
+        self.sparse = self.select() if self.gamma else None
+        self.base_positions = next_positions(self.spec, model_kwargs["position_ids"])
+        self.start_rows(input_ids, logits)
+        while not all(self.finished):
+            self.round()
+        return GenerateResult(self.tokens[:, : prompt_len + max(self.generated)], self.stats())
+
+    # ------------------------------------------------------------------------------ prefill, select
+    def prefill(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """Dense prefill with the model's own attention; returns the last position's logits [B, 1, V]."""
+        batch, length = input_ids.shape
+        self.dense = SlotCache(self.spec.num_layers, length + self.stop.max_new_tokens + self.gamma + 1)
+        text_topk = self.gamma and self.config.selection == "text_topk"
+        self.observer = SelectionObserver(self.layout, self.timer) if text_topk else None
+        model_kwargs["past_key_values"] = self.dense
+        with self.timer.phase("prefill"), attention_phase("prefill", self.observer):
+            inputs = self.model.prepare_inputs_for_generation(
+                input_ids, is_first_iteration=True, **model_kwargs
+            )
+            logits = self.model(**inputs, return_dict=True).logits[:, -1:]
+        starts = (~self.layout.valid).sum(dim=1)
+        self.dense.reset_rows(starts, torch.full_like(starts, length))
+        return logits
+
+    def select(self) -> SlotCache:
+        """The sparse cache: kept prompt slots of every layer gathered once from the dense cache."""
+        with self.timer.phase("select"):
+            if self.observer is not None:
+                index = [self.observer.index[i] for i in range(self.spec.num_layers)]
+                starts = self.observer.starts
+            else:  # sink + recent window: the same slots in every layer and head
+                scores = sink_window_scores(self.layout, self.spec.num_kv_heads, self.config.sink_tokens)
+                shared, starts = keep_index(scores, self.layout)
+                index = [shared] * self.spec.num_layers
+            kept = index[0].shape[-1]
+            capacity = kept + self.stop.max_new_tokens + self.gamma + 1
+            return SlotCache.gathered(self.dense, index, starts, capacity)
+
+    # ----------------------------------------------------------------------------------- row state
+    def start_rows(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Commit the first token (from the prefill logits) of every row."""
+        batch = input_ids.shape[0]
+        width = self.prompt_len + self.stop.max_new_tokens + self.gamma + 2
+        self.tokens = torch.full((batch, width), self.pad_id, dtype=torch.long, device=input_ids.device)
+        self.tokens[:, : self.prompt_len] = input_ids
+        self.generated = [0] * batch
+        self.finished = [False] * batch
+        self.row_stats = [RowStats() for _ in range(batch)]
+        self.batch_rounds = 0
+        empty = input_ids[:, :0]
+        scores = self.scorer(logits, self.tokens, self.committed_lengths(), empty)
+        first = self.pick(scores[:, 0])
+        self.commit_tokens(first[:, None].cpu(), [0] * batch)
+        self.pending = first
+
+    def committed_lengths(self) -> list[int]:
+        return [self.prompt_len + g for g in self.generated]
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The next token from processed scores ``[B, V]``: argmax, or a draw when sampling."""
+        if self.do_sample:
+            return sample(torch.softmax(scores, dim=-1), self.generator)
+        return scores.argmax(dim=-1)
+
+    # ---------------------------------------------------------------------------------- the round
+    def round(self) -> None:
+        remaining = max(
+            self.stop.max_new_tokens - g for g, f in zip(self.generated, self.finished, strict=True) if not f
+        )
+        gamma = min(self.gamma, remaining - 1)
+        uniforms = self.uniforms(gamma)
+        drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
+        p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
+        accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
+        self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
+
+    def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
+        drafts = self.pending.new_empty((self.pending.shape[0], gamma))
+        q = []
+        token = self.pending[:, None]
+        with self.timer.phase("draft"):
+            for i in range(gamma):
+                logits = self.forward(self.sparse, token)
+                scores = self.scorer(logits, self.tokens, self.committed_lengths(), drafts, offset=i)[:, 0]
+                if self.do_sample:
+                    q.append(torch.softmax(scores, dim=-1))
+                    drafts[:, i] = sample(q[-1], self.generator)
+                else:
+                    drafts[:, i] = scores.argmax(dim=-1)
+                token = drafts[:, i : i + 1]
+        return drafts, (torch.stack(q, dim=1) if q else None)
+
+    def verify(
+        self, drafts: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Dense scores of ``[pending] + drafts``: ``[B, m, V]`` (m = γ + 1, or fewer when a
+        sequential verify stopped once every row had disagreed)."""
+        tokens = torch.cat([self.pending[:, None], drafts], dim=1)
+        lengths = self.committed_lengths()
+        with self.timer.phase("verify"):
+            if self.config.verify == "parallel" or drafts.shape[1] == 0:
+                return self.scorer(self.forward(self.dense, tokens), self.tokens, lengths, drafts)
+            scores, alive = [], torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            for j in range(tokens.shape[1]):
+                scores.append(
+                    self.scorer(
+                        self.forward(self.dense, tokens[:, j : j + 1]), self.tokens, lengths, drafts, j
+                    )
+                )
+                if j == drafts.shape[1]:
+                    break
+                alive &= self.agreement(drafts[:, j : j + 1], scores[-1], q, uniforms, j)[:, 0]
+                if not bool(alive.any()):
+                    break
+            return torch.cat(scores, dim=1)
+
+    def agreement(
+        self,
+        drafts: torch.Tensor,
+        p: torch.Tensor,
+        q: torch.Tensor | None,
+        uniforms: torch.Tensor | None,
+        at: int = 0,
+    ) -> torch.Tensor:
+        """``[B, n]`` bool: which drafts the dense scores ``p [B, >= n, V]`` accept."""
+        if not self.do_sample:
+            return greedy_agreement(drafts, p.argmax(dim=-1))
+        n = drafts.shape[1]
+        return sampling_agreement(drafts, torch.softmax(p, -1), q[:, at : at + n], uniforms[:, at : at + n])
+
+    def accept(
+        self, drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accepted lengths ``[B]`` and bonus tokens ``[B]``."""
+        accepted = accepted_length(self.agreement(drafts[:, : p.shape[1]], p, q, uniforms))
+        if not self.do_sample:
+            return accepted, greedy_bonus(p.argmax(dim=-1), accepted)
+        q = q if q is not None else p[:, :0]
+        return accepted, sample(residual_distribution(torch.softmax(p, -1), q, accepted), self.generator)
+
+    def roll_back(
+        self, drafts: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor, gamma: int
+    ) -> None:
+        """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``."""
+        new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
+        host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
+        keep = self.commit_tokens(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
+        keep_t = torch.tensor(keep, device=drafts.device)
+        if self.sparse is not None:
+            self.sparse.adopt_tentative(self.dense)
+            self.sparse.commit(keep_t, keep)
+        self.dense.commit(keep_t, keep)
+        self.pending = bonus
+        self.batch_rounds += 1
+
+    def commit_tokens(self, new: torch.Tensor, accepted: list[int], gamma: int | None = None) -> list[int]:
+        """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, *]`` on the CPU, cut
+        where the row stops) and count them (as a round of ``gamma`` drafts, unless None: the
+        prefill's token). Returns how many tentative cache slots each row keeps."""
+        stops = self.stop.stop_index(new, self.tokens, self.generated)
+        keep = [0] * len(self.generated)
+        for b, (a, stop) in enumerate(zip(accepted, stops, strict=True)):
+            if self.finished[b]:
+                continue
+            count = a + 1
+            if stop is not None and stop < count:
+                count, self.finished[b] = stop + 1, True
+            start = self.prompt_len + self.generated[b]
+            self.tokens[b, start : start + count] = new[b, :count].to(self.tokens.device)
+            self.generated[b] += count
+            rounds, drafted = (0, 0) if gamma is None else (1, gamma)
+            self.row_stats[b] += RowStats(count, rounds, drafted, min(a, count) if rounds else 0)
+            keep[b] = 0 if self.finished[b] else a + 1
+        self.cached = torch.tensor([g - 1 for g in self.generated], device=self.tokens.device)
+        return keep
+
+    # ------------------------------------------------------------------------------------- helpers
+    def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode forward of ``tokens [B, q]`` at each row's next positions; logits ``[B, q, V]``."""
+        q = tokens.shape[1]
+        offsets = self.cached[:, None] + cache.pending + torch.arange(q, device=tokens.device)[None]
+        positions = decode_position_ids(self.spec, self.base_positions, offsets)
+        mask = cache.begin_forward(q, self.spec.groups)
+        with attention_phase("decode"):
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        cache.end_forward(q)
+        return out.logits
+
+    def uniforms(self, gamma: int) -> torch.Tensor | None:
+        if not self.do_sample or gamma == 0:
+            return None
+        shape = (self.pending.shape[0], gamma)
+        return torch.rand(shape, generator=self.generator, device=self.pending.device)
+
+    def stats(self) -> DecodeStats:
+        seconds = self.timer.seconds()
+        select = seconds.get("select", 0.0)
+        prefill_select = select if self.observer is not None else 0.0
+        gathered_bytes = self.sparse.nbytes() if self.sparse is not None else 0
+        return DecodeStats(
+            mode=self.config.mode,
+            gamma=self.gamma,
+            rows=tuple(self.row_stats),
+            prefill_seconds=seconds.get("prefill", 0.0) - prefill_select,
+            select_seconds=select,
+            draft_seconds=seconds.get("draft", 0.0),
+            verify_seconds=seconds.get("verify", 0.0),
+            batch_rounds=self.batch_rounds,
+            visual_tokens=tuple(int(x) for x in self.layout.visual.sum(dim=1).tolist()),
+            kept_prompt_tokens=tuple(int(x) for x in self.layout.keep_counts.tolist()),
+            sparse_cache_bytes=gathered_bytes,
+            dense_cache_bytes=self.dense.nbytes(),
+        )

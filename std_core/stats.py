@@ -1,0 +1,143 @@
+"""Decode statistics, counted once per round on the host, and a phase timer that does not sync.
+
+Vocabulary (as in vLLM's spec-decode metrics): per round a row *drafts* γ tokens, *accepts* the
+longest agreeing prefix of them, and gains one *bonus* token from the verify, so a round commits
+``accepted + 1`` tokens. ``mean_accepted_per_round`` includes the bonus; ``acceptance_rate`` does not
+(accepted / drafted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """One row's counts. ``generated`` counts committed new tokens (EOS included, padding excluded);
+    the first token comes from the prefill, every other one from a round."""
+
+    generated: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        """Tokens committed per round, bonus included (1.0 for dense decoding)."""
+        return (self.generated - 1) / self.rounds if self.rounds else 0.0
+
+    def __add__(self, other: RowStats) -> RowStats:
+        return RowStats(
+            self.generated + other.generated,
+            self.rounds + other.rounds,
+            self.drafted + other.drafted,
+            self.accepted + other.accepted,
+        )
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """Per-row counts and batch-level phase times of one ``generate`` call."""
+
+    mode: str
+    gamma: int
+    rows: tuple[RowStats, ...]
+    prefill_seconds: float = 0.0
+    select_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    batch_rounds: int = 0
+    visual_tokens: tuple[int, ...] = ()
+    kept_prompt_tokens: tuple[int, ...] = ()
+    sparse_cache_bytes: int = 0
+    dense_cache_bytes: int = 0
+
+    @property
+    def total(self) -> RowStats:
+        out = RowStats()
+        for row in self.rows:
+            out = out + row
+        return out
+
+    @property
+    def decode_seconds(self) -> float:
+        """Draft + verify time (the prefill and selection excluded)."""
+        return self.draft_seconds + self.verify_seconds
+
+    def row_columns(self, i: int) -> dict[str, float | int | str]:
+        """Flat per-row columns for tables (Parquet rows, benchmark records)."""
+        row = self.rows[i]
+        return {
+            "decoder": self.mode,
+            "generated_tokens": row.generated,
+            "rounds": row.rounds,
+            "drafted_tokens": row.drafted,
+            "accepted_tokens": row.accepted,
+            "acceptance_rate": row.acceptance_rate,
+            "mean_accepted_per_round": row.mean_accepted_per_round,
+        }
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Batch totals and phase seconds as one flat dict."""
+        total = self.total
+        return {
+            "mode": self.mode,
+            "gamma": self.gamma,
+            "batch": len(self.rows),
+            "generated_tokens": total.generated,
+            "rounds": self.batch_rounds,
+            "drafted_tokens": total.drafted,
+            "accepted_tokens": total.accepted,
+            "acceptance_rate": total.acceptance_rate,
+            "mean_accepted_per_round": total.mean_accepted_per_round,
+            "prefill_seconds": self.prefill_seconds,
+            "select_seconds": self.select_seconds,
+            "draft_seconds": self.draft_seconds,
+            "verify_seconds": self.verify_seconds,
+        }
+
+
+@dataclass
+class PhaseTimer:
+    """Sums the time spent in named phases. On CUDA it records events and reads them once at the end,
+    so timing adds no host-device synchronisation to the decode loop."""
+
+    device: torch.device
+    _cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _events: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events[name].append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._cpu[name] += time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        """Total seconds per phase (synchronises once on CUDA)."""
+        out = dict(self._cpu)
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            for name, pairs in self._events.items():
+                out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1000.0
+        return out
