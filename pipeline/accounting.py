@@ -1,0 +1,139 @@
+"""Run accounting: live progress while rows arrive, and the ``_summary.json`` written at the end.
+
+Metrics are computed once, from the rows the run wrote (never from a side channel), so the summary
+always agrees with the Parquet files:
+
+- ``acceptance_rate`` = accepted / drafted tokens; ``mean_accepted_per_round`` = tokens committed per
+  round, the bonus token included (as ``std_core.RowStats`` defines it: (generated - 1) / rounds, the
+  first token coming from the prefill); 1.0 for dense decoding;
+- ``speedup`` = dense / StD decode seconds, summed over the rows that had a dense re-run (the dense
+  sample), so both sides decoded exactly the same inputs on the same actor;
+- ``gpu_seconds_per_video`` = GPUs held (actors × GPUs per actor) × wall seconds / videos: what the run
+  cost. ``decode_seconds_per_video`` is the part of it spent generating.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import pyarrow as pa
+
+from pipeline.schema import STATUS_OK
+
+_SUMS = ("visual_tokens", "prompt_tokens", "generated_tokens", "drafted_tokens", "accepted_tokens", "rounds")
+
+
+@dataclass
+class RunAccounting:
+    """Accumulates counts from result tables; cheap enough to update per batch."""
+
+    expected_rows: int
+    started: float = field(default_factory=time.perf_counter)
+    rows_ok: int = 0
+    rows_error: int = 0
+    frames: int = 0
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SUMS, 0))
+    committed_in_rounds: int = 0  # tokens that rounds committed: generated - 1 (the prefill's token)
+    decode_seconds: float = 0.0
+    sampled_std_seconds: float = 0.0
+    sampled_dense_seconds: float = 0.0
+    sampled_rows: int = 0
+    sampled_matches: int = 0
+    mcq_scored: int = 0
+    mcq_correct: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    _videos: set[str] = field(default_factory=set)
+
+    def add(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            self._add_row(row)
+
+    def _add_row(self, row: dict) -> None:
+        if row["video_id"] not in self._videos:
+            self._videos.add(row["video_id"])
+            self.frames += row["num_frames"] or 0
+        if row["status"] != STATUS_OK:
+            self.rows_error += 1
+            self.errors[row["error"] or "?"] = self.errors.get(row["error"] or "?", 0) + 1
+            return
+        self.rows_ok += 1
+        for name in _SUMS:
+            self.sums[name] += row[name] or 0
+        if row["rounds"]:
+            self.committed_in_rounds += (row["generated_tokens"] or 1) - 1
+        self.decode_seconds += row["decode_seconds"] or 0.0
+        if row["dense_decode_seconds"] is not None:
+            self.sampled_rows += 1
+            self.sampled_std_seconds += row["decode_seconds"] or 0.0
+            self.sampled_dense_seconds += row["dense_decode_seconds"]
+            self.sampled_matches += bool(row["dense_match"])
+        if row["correct"] is not None:
+            self.mcq_scored += 1
+            self.mcq_correct += bool(row["correct"])
+
+    @property
+    def rows(self) -> int:
+        return self.rows_ok + self.rows_error
+
+    @property
+    def videos(self) -> int:
+        return len(self._videos)
+
+    def progress_line(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        rate = self.videos / elapsed if elapsed > 0 else 0.0
+        return (
+            f"[progress] rows {self.rows}/{self.expected_rows} (ok {self.rows_ok}, error {self.rows_error}) "
+            f"videos {self.videos} | {rate:.2f} videos/s | "
+            f"{self.sums['generated_tokens'] / elapsed if elapsed > 0 else 0.0:.1f} tokens/s | {elapsed:.0f}s"
+        )
+
+    def summary(self, gpus_held: float) -> dict:
+        """The run's numbers (add run metadata before writing it)."""
+        wall = time.perf_counter() - self.started
+        drafted, accepted, rounds = (self.sums[k] for k in ("drafted_tokens", "accepted_tokens", "rounds"))
+        return {
+            "videos": self.videos,
+            "rows": self.rows,
+            "rows_ok": self.rows_ok,
+            "rows_error": self.rows_error,
+            "frames": self.frames,
+            **self.sums,
+            "wall_seconds": round(wall, 3),
+            "videos_per_s": _ratio(self.videos, wall),
+            "generated_tokens_per_s": _ratio(self.sums["generated_tokens"], wall),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "decode_seconds_per_video": _ratio(self.decode_seconds, self.videos),
+            "gpu_seconds_per_video": _ratio(gpus_held * wall, self.videos) if gpus_held else None,
+            "acceptance_rate": _ratio(accepted, drafted),
+            "mean_accepted_per_round": _ratio(self.committed_in_rounds, rounds),
+            "dense_sample_rows": self.sampled_rows,
+            "dense_match_rate": _ratio(self.sampled_matches, self.sampled_rows),
+            "speedup": _ratio(self.sampled_dense_seconds, self.sampled_std_seconds),
+            "mcq_accuracy": _ratio(self.mcq_correct, self.mcq_scored),
+            "top_errors": dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]),
+        }
+
+
+class Progress:
+    """Prints :meth:`RunAccounting.progress_line` to stderr at most every ``interval`` seconds."""
+
+    def __init__(
+        self, accounting: RunAccounting, interval: float = 5.0, stream: TextIO | None = None
+    ) -> None:
+        self.accounting, self.interval = accounting, interval
+        self.stream = stream or sys.stderr
+        self._last = 0.0
+
+    def update(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            print(self.accounting.progress_line(), file=self.stream, flush=True)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return round(num / den, 4) if den else None

@@ -1,0 +1,221 @@
+"""PipelineConfig: one field per command-line flag, frozen and validated.
+
+Every job builds exactly one :class:`PipelineConfig` from its flags (``jobs/_cli.py`` maps each field to
+one ``--flag``, whose ``--help`` is the field's help text) and hands it to
+:func:`pipeline.run.run_pipeline`. A bad value raises ``ValueError`` here, before Ray starts or any model
+loads. Each field's help says what it trades off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Task = Literal["caption", "qa", "mcq"]
+DecoderMode = Literal["std", "dense"]
+IfExists = Literal["fail", "resume", "overwrite"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+TASKS: tuple[str, ...] = ("caption", "qa", "mcq")
+DECODERS: tuple[str, ...] = ("std", "dense")
+IF_EXISTS: tuple[str, ...] = ("fail", "resume", "overwrite")
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_OUTPUT = "./out"
+
+
+def _flag(default: Any, help: str) -> Any:
+    """A field with its ``--help`` text: what the flag does and what it trades off."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a run needs. ``None`` means "the documented default", resolved at run time."""
+
+    # --- where data comes from and goes -------------------------------------------------------------
+    input: str | None = _flag(
+        None,
+        (
+            "A prefix/glob of videos or a manifest (.parquet/.jsonl/.csv with video_uri). None: generate a "
+            "few sample videos locally (the embedded default; nothing to download)."
+        ),
+    )
+    output: str = _flag(
+        DEFAULT_OUTPUT,
+        "Output folder (local path or s3://...). Parquet parts + _summary.json land here.",
+    )
+    if_exists: IfExists = _flag(
+        "fail",
+        (
+            'What to do when the output already holds rows: "fail" (safe default, like Spark\'s '
+            'ErrorIfExists), "resume" (skip ids that have an ok row; what jobs.annotate always does), '
+            '"overwrite" (delete them).'
+        ),
+    )
+    endpoint_url: str | None = _flag(
+        None,
+        "S3-compatible endpoint. None: AWS_ENDPOINT_URL or AWS itself, as boto3 and the AWS CLI do.",
+    )
+    anon: bool = _flag(
+        False,
+        (
+            "Unsigned requests for public buckets; no credentials needed, but private objects become "
+            "invisible."
+        ),
+    )
+    profile: str | None = _flag(
+        None,
+        "AWS profile from ~/.aws/config. None: AWS_PROFILE / the default credential chain.",
+    )
+
+    # --- model and decoder --------------------------------------------------------------------------
+    model: str | None = _flag(
+        None,
+        (
+            "Local directory, object-storage URI (copied once per node to a local cache) or hub id. None: the"
+            " project's default demo model."
+        ),
+    )
+    decoder: DecoderMode = _flag(
+        "std",
+        (
+            '"std" drafts with sparse visual attention and verifies densely (same output, faster on long '
+            'videos); "dense" is plain decoding through the same code path (the baseline).'
+        ),
+    )
+    gamma: int = _flag(
+        9,
+        (
+            "Drafts per StD round. Larger amortises each verify over more tokens, but wastes more drafts "
+            "after a rejection."
+        ),
+    )
+    sparse_budget: int = _flag(
+        1024,
+        (
+            "Prompt tokens kept in the sparse draft cache per (layer, KV head). Smaller drafts faster but "
+            "gets fewer drafts accepted."
+        ),
+    )
+    dense_sample: int = _flag(
+        1,
+        (
+            "Batches per actor that are decoded a second time densely, to measure the speedup and check that "
+            "StD output is identical. 0 disables (no overhead); -1 compares every batch (what evaluate does)."
+        ),
+    )
+    dtype: DType = _flag(
+        "auto",
+        '"auto": bfloat16 on GPU, float32 on CPU. float32 is exact but twice the memory and slower on GPU.',
+    )
+    max_new_tokens: int = _flag(
+        128,
+        "Upper bound on generated tokens per row. Longer captions cost proportionally more decode time.",
+    )
+    temperature: float = _flag(
+        0.0,
+        "0: greedy (deterministic, the lossless reference). > 0: sampling (StD stays distribution-exact).",
+    )
+    seed: int = _flag(0, "Seed for sampling and for the generated sample videos.")
+
+    # --- task ---------------------------------------------------------------------------------------
+    task: Task = _flag(
+        "caption",
+        (
+            "caption: one row per video; qa: one row per question; mcq: one letter per question, scored when "
+            "the manifest has answers."
+        ),
+    )
+    prompt: str | None = _flag(
+        None,
+        (
+            "Caption prompt override. None: pipeline.prompts.CAPTION_PROMPT (what the demo model was trained "
+            "on)."
+        ),
+    )
+
+    # --- frames -------------------------------------------------------------------------------------
+    num_frames: int = _flag(
+        8,
+        (
+            "Frames sampled uniformly per video; with --fps, the cap. More frames: more visual tokens, better"
+            " temporal coverage, slower prefill and decode."
+        ),
+    )
+    fps: float | None = _flag(
+        None,
+        "Sample at this rate (frames per second of video) instead of uniformly, at most num_frames.",
+    )
+    max_pixels: int | None = _flag(
+        None,
+        (
+            "Frames are downscaled on decode to at most this many pixels (aspect kept). None: the model "
+            "processor's own per-frame limit. Smaller: less bandwidth and fewer visual tokens, less detail."
+        ),
+    )
+
+    # --- scale --------------------------------------------------------------------------------------
+    batch_size: int = _flag(
+        4,
+        "Videos per actor batch. Larger batches use the GPU better but hold more frames in memory.",
+    )
+    num_actors: int = _flag(
+        1,
+        "Model actors (one model copy each). On a GPU cluster: the number of GPUs to use.",
+    )
+    num_gpus: float | None = _flag(
+        None,
+        (
+            "GPUs per model actor. None: 1 if the Ray cluster has GPUs, else 0 (CPU). On an autoscaling "
+            "cluster whose GPU nodes start on demand, pass 1 explicitly."
+        ),
+    )
+    rows_per_file: int = _flag(
+        256,
+        "Rows buffered per Parquet file. Larger: fewer files, but more rows redone after a crash.",
+    )
+    limit: int | None = _flag(
+        None,
+        "Process at most this many task items (after resume filtering). None: all. Bounds a scheduled run.",
+    )
+    num_samples: int = _flag(4, "Sample videos generated for the embedded default (no --input).")
+    run_id: str | None = _flag(
+        None,
+        "Tag written into every row and the summary. None: a UTC timestamp plus a random suffix.",
+    )
+
+    def __post_init__(self) -> None:
+        _one_of("task", self.task, TASKS)
+        _one_of("decoder", self.decoder, DECODERS)
+        _one_of("if_exists", self.if_exists, IF_EXISTS)
+        _one_of("dtype", self.dtype, DTYPES)
+        for name in ("gamma", "sparse_budget", "max_new_tokens", "num_frames", "batch_size", "num_actors"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("rows_per_file", self.rows_per_file)
+        _positive_int("num_samples", self.num_samples)
+        if self.limit is not None:
+            _positive_int("limit", self.limit)
+        if self.max_pixels is not None:
+            _positive_int("max_pixels", self.max_pixels)
+        if not isinstance(self.dense_sample, int) or self.dense_sample < -1:
+            raise ValueError(
+                f"dense_sample must be -1 (all), 0 (off) or a batch count, got {self.dense_sample!r}"
+            )
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus!r}")
+        if not self.output:
+            raise ValueError("output must be a path or URI")
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

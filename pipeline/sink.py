@@ -1,0 +1,131 @@
+"""Atomic Parquet output and the resume set.
+
+Layout of an output location::
+
+    <output>/part-<run_id>-00000.parquet   committed row files (one run writes several)
+    <output>/_summary.json                 the latest run's accounting
+    <output>/_runs/<run_id>.json           every run's accounting
+    <output>/_tmp/                         files being written (local filesystems only)
+
+A row file is either complete or absent:
+
+- on a local (or any non-object-store) filesystem it is written under ``_tmp/`` and renamed into place;
+- on S3/GCS/Azure it is written straight to its key: an object becomes visible only when its single PUT
+  or multipart upload completes, so a killed writer leaves nothing behind.
+
+Readers (the resume set, the evaluation) read only ``part-*.parquet`` files directly under the output,
+so a leftover ``_tmp/`` file is never trusted. The resume set is the set of ids with an ``ok`` row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline.schema import SCHEMA, STATUS_OK, conform
+from pipeline.storage import StorageOptions, get_fs, is_object_store, join
+
+PART_PREFIX = "part-"
+SUMMARY_NAME = "_summary.json"
+
+
+class ParquetSink:
+    """Buffers result rows and commits them as whole Parquet files of ``rows_per_file`` rows."""
+
+    def __init__(self, output: str, storage: StorageOptions, run_id: str, rows_per_file: int = 256) -> None:
+        self.output, self.storage, self.run_id = output.rstrip("/"), storage, run_id
+        self.rows_per_file = rows_per_file
+        self.fs, self.root = get_fs(self.output, storage)
+        self.files: list[str] = []
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Add rows; every full ``rows_per_file`` is committed at once."""
+        self._buffer.append(conform(table))
+        self._buffered += table.num_rows
+        while self._buffered >= self.rows_per_file:
+            merged = pa.concat_tables(self._buffer)
+            self._commit(merged.slice(0, self.rows_per_file))
+            rest = merged.slice(self.rows_per_file)
+            self._buffer, self._buffered = [rest], rest.num_rows
+
+    def close(self) -> None:
+        """Commit what is buffered (call once, after the last batch)."""
+        if self._buffered:
+            self._commit(pa.concat_tables(self._buffer))
+        self._buffer, self._buffered = [], 0
+        tmp = f"{self.root}/_tmp"
+        if not is_object_store(self.output) and self.fs.isdir(tmp) and not self.fs.ls(tmp):
+            self.fs.rmdir(tmp)
+
+    def _commit(self, table: pa.Table) -> None:
+        name = f"{PART_PREFIX}{self.run_id}-{len(self.files):05d}.parquet"
+        final = f"{self.root}/{name}"
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        if is_object_store(self.output):
+            self.fs.pipe_file(final, sink.getvalue())
+        else:
+            tmp = f"{self.root}/_tmp/{name}.{uuid.uuid4().hex}"
+            self.fs.makedirs(f"{self.root}/_tmp", exist_ok=True)
+            self.fs.pipe_file(tmp, sink.getvalue())
+            self.fs.mv(tmp, final)
+        self.files.append(join(self.output, name))
+
+
+def part_files(output: str, storage: StorageOptions) -> list[str]:
+    """Committed row files directly under ``output`` (fsspec paths), sorted; [] if it does not exist."""
+    fs, root = get_fs(output.rstrip("/"), storage)
+    if not fs.isdir(root):
+        return []
+    names = fs.ls(root, detail=False, refresh=True)
+    return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(PART_PREFIX) and p.endswith(".parquet"))
+
+
+def read_rows(output: str, storage: StorageOptions, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows under ``output`` (an empty table of :data:`SCHEMA` when there are none)."""
+    files = part_files(output, storage)
+    if not files:
+        return SCHEMA.empty_table().select(columns or SCHEMA.names)
+    fs, _ = get_fs(output, storage)
+    dataset = pads.dataset(files, schema=SCHEMA, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
+    return dataset.to_table(columns=columns)
+
+
+def ok_ids(output: str, storage: StorageOptions) -> set[str]:
+    """Ids that already have an ``ok`` row: the work a resumed or scheduled run skips."""
+    table = read_rows(output, storage, columns=["id", "status"])
+    return set(table.filter(pc.equal(table["status"], STATUS_OK))["id"].to_pylist())
+
+
+def remove_outputs(output: str, storage: StorageOptions) -> int:
+    """Delete committed row files and summaries (``--if-exists overwrite``); returns files removed."""
+    files = part_files(output, storage)
+    fs, root = get_fs(output.rstrip("/"), storage)
+    for path in files:
+        fs.rm(path)
+    for extra in (f"{root}/{SUMMARY_NAME}", f"{root}/_runs", f"{root}/_tmp"):
+        if fs.exists(extra):
+            fs.rm(extra, recursive=True)
+    return len(files)
+
+
+def write_json(uri: str, payload: dict, storage: StorageOptions) -> None:
+    """Write a small JSON document whole (temp + rename locally; one PUT on object stores)."""
+    fs, path = get_fs(uri, storage)
+    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+    if is_object_store(uri):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
