@@ -11,15 +11,18 @@ transformers only (no Ray, no storage, no printing).
 
 from std_core.config import StdConfig
 from std_core.decoder import GenerateResult, SparseToDenseDecoder
+from std_core.diagnostics import Divergence, first_divergence
 from std_core.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 from std_core.stats import DecodeStats, RowStats
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "DecodeStats",
+    "Divergence",
     "GenerateResult",
     "RowStats",
     "SparseToDenseDecoder",
     "StdConfig",
     "UnsupportedModelError",
+    "first_divergence",
 ]

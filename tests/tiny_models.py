@@ -181,6 +181,8 @@ def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     model.generation_config.do_sample = False
+    model.generation_config.bos_token_id = None
+    model.config.bos_token_id = None
     return model.eval()
 
 
@@ -239,10 +241,10 @@ def build_qwen3_vl(seed: int = 0) -> TinyVideoLM:
     }
     config = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
     model = Qwen3VLForConditionalGeneration(config)
-    pixels = {"size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}}
+    pixels = {"size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 4096}}  # a whole-video budget
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, min_pixels=32 * 32, max_pixels=32 * 32 * 64),
-        video_processor=Qwen3VLVideoProcessor(**pixels, patch_size=16, do_sample_frames=False),
+        video_processor=Qwen3VLVideoProcessor(**pixels, patch_size=16, do_sample_frames=False, cap_pixels_per_frame=True),
         tokenizer=tok,
         chat_template=QWEN_TEMPLATE,
     )
@@ -272,7 +274,7 @@ def build_llava_onevision(seed: int = 0) -> TinyVideoLM:
         "intermediate_size": 64,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
-        "image_size": 28,
+        "image_size": 56,
         "patch_size": 7,
     }
     config = LlavaOnevisionConfig(
@@ -281,16 +283,16 @@ def build_llava_onevision(seed: int = 0) -> TinyVideoLM:
         image_token_index=ids("<image>"),
         video_token_index=ids("<video>"),
         vision_feature_layer=-1,
-        image_grid_pinpoints=[[28, 28]],
+        image_grid_pinpoints=[[56, 56]],
         initializer_range=0.5,
     )
     model = LlavaOnevisionForConditionalGeneration(config)
-    size = {"height": 28, "width": 28}
+    size = {"height": 56, "width": 56}
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[28, 28]]),
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[56, 56]]),
         video_processor=LlavaOnevisionVideoProcessor(size=size),
         tokenizer=tok,
-        num_image_tokens=16,
+        num_image_tokens=64,
         vision_feature_select_strategy="full",
         chat_template=QWEN_TEMPLATE.replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>").replace(
             "<|vision_start|><|image_pad|><|vision_end|>", "<image>"
