@@ -52,11 +52,15 @@ def untrained_model_dir() -> Path:
     target = cache_dir() / UNTRAINED_NAME
     with _node_lock(target):
         if not (target / _COMPLETE).exists():
-            _build_untrained(target)
+            build_untrained_model(target)
     return target
 
 
-def _build_untrained(target: Path) -> None:
+def build_untrained_model(target: Path) -> Path:
+    """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``.
+
+    ``initializer_range`` is raised so the random model writes varied, input-dependent tokens (and
+    lets tests see StD drafts get accepted and rejected) instead of one token forever."""
     from transformers import Qwen2VLForConditionalGeneration
 
     from pipeline import demo_model
@@ -72,6 +76,7 @@ def _build_untrained(target: Path) -> None:
     model.save_pretrained(target)
     demo_model.build_processor(tokenizer).save_pretrained(target)
     (target / _COMPLETE).touch()
+    return target
 
 
 def model_label(model: str | None) -> str:

@@ -1,0 +1,119 @@
+"""The annotate stage called directly (no cluster), with a small random model of the demo architecture.
+
+Method: the model is randomly initialised (``initializer_range`` raised, so it writes varied tokens) and
+runs in fp32 on CPU, where StD is exact: every row decoded both ways must match dense decoding token for
+token (``dense_match``), with the same text. A tiny sparse budget makes drafts wrong often enough that
+the match is earned by verification, not by a draft identical to the dense model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.annotator import Annotator, AnnotatorSettings
+from pipeline.frames import FrameDecoder, FrameSampling
+from pipeline.schema import SCHEMA
+from pipeline.sources import Item, items_to_json
+from pipeline.storage import StorageOptions
+
+pytest_plugins = ["pipeline_fixtures"]
+MAX_NEW = 12
+SPARSE_BUDGET = 4  # far below the prompt: the sparse drafts get rejected sometimes, so matching is earned
+
+
+@pytest.fixture(scope="module")
+def annotator(model_dir: Path) -> Annotator:
+    settings = AnnotatorSettings(
+        model=str(model_dir),
+        model_label="tiny",
+        run_id="t1",
+        dense_sample=-1,
+        max_new_tokens=MAX_NEW,
+        gamma=3,
+        sparse_budget=SPARSE_BUDGET,
+    )
+    return Annotator(settings)
+
+
+def _batch(tmp_path: Path, clip_bytes: dict[str, bytes], videos: dict[str, list[Item]]) -> dict:
+    for name in videos:
+        (tmp_path / name).write_bytes(clip_bytes[name])
+    rows = {
+        "video_id": np.array(list(videos), dtype=object),
+        "video_uri": np.array([str(tmp_path / n) for n in videos], dtype=object),
+        "items": np.array([items_to_json(items) for items in videos.values()], dtype=object),
+    }
+    return FrameDecoder(FrameSampling(num_frames=4, max_pixels=64 * 64), StorageOptions())(rows)
+
+
+def _item(video: str, task: str = "caption", **fields: object) -> Item:
+    base = {
+        "id": f"{video}:{task}",
+        "video_id": video,
+        "video_uri": video,
+        "task": task,
+        "prompt": "Describe the video.",
+    }
+    return Item(**{**base, **fields})
+
+
+def test_rows_for_good_and_bad_videos(annotator: Annotator, tmp_path: Path, clip_bytes: dict) -> None:
+    mcq = _item("green-right.mp4", "mcq", id="g:mcq:0", question="What colour?", options=["red", "green"],
+                answer="B", prompt="What colour?\nA. red\nB. green\nAnswer with the option's letter.")  # fmt: skip
+    batch = _batch(tmp_path, clip_bytes, {
+        "red-left.mp4": [_item("red-left.mp4")],
+        "green-right.mp4": [_item("green-right.mp4"), mcq],
+        "empty.mp4": [_item("empty.mp4")],
+        "short.mp4": [_item("short.mp4", error="no question for task qa")],
+    })  # fmt: skip
+    table = annotator(batch)
+    assert table.schema == SCHEMA
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert len(rows) == 5
+    assert (
+        rows["empty.mp4:caption"]["status"] == "error" and "empty file" in rows["empty.mp4:caption"]["error"]
+    )
+    assert rows["short.mp4:caption"]["error"] == "no question for task qa"
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == 3
+    for row in ok:
+        assert row["num_frames"] == 4 and row["visual_tokens"] > 0
+        assert row["prompt_tokens"] > row["visual_tokens"]
+        assert 1 <= row["generated_tokens"] <= MAX_NEW
+        assert row["generated_tokens"] <= 1 + row["accepted_tokens"] + row["rounds"]
+        assert 0 <= row["accepted_tokens"] <= row["drafted_tokens"]
+        assert row["dense_match"] is True and row["dense_text"] == row["text"]  # lossless in fp32
+        assert row["decode_seconds"] > 0 and row["dense_decode_seconds"] > 0
+        assert (row["decoder"], row["model"], row["run_id"]) == ("std", "tiny", "t1")
+    assert sum(r["drafted_tokens"] for r in ok) > sum(r["accepted_tokens"] for r in ok) > 0
+    scored = rows["g:mcq:0"]
+    assert scored["correct"] == (scored["predicted"] == "B") and scored["options"] == ["red", "green"]
+
+
+def test_a_failing_item_does_not_take_its_batch_down(
+    annotator: Annotator, tmp_path: Path, clip_bytes: dict
+) -> None:
+    batch = _batch(
+        tmp_path, clip_bytes, {"red-left.mp4": [_item("red-left.mp4")], "blue-up.mp4": [_item("blue-up.mp4")]}
+    )
+    frames = list(batch["frames"])
+    frames[1] = np.zeros((2, 2, 600, 3), dtype=np.uint8)  # aspect ratio 300: the processor refuses it
+    batch["frames"] = frames
+    rows = {r["id"]: r for r in annotator(batch).to_pylist()}
+    assert rows["red-left.mp4:caption"]["status"] == "ok"
+    assert rows["blue-up.mp4:caption"]["status"] == "error"
+    assert rows["blue-up.mp4:caption"]["error"].startswith("generation failed: ValueError")
+
+
+def test_dense_sample_only_on_the_first_batches(model_dir: Path, tmp_path: Path, clip_bytes: dict) -> None:
+    settings = AnnotatorSettings(
+        model=str(model_dir), model_label="tiny", run_id="t2", dense_sample=1, max_new_tokens=4
+    )
+    annotator = Annotator(settings)
+    batch = _batch(tmp_path, clip_bytes, {"red-left.mp4": [_item("red-left.mp4")]})
+    first, second = annotator(batch).to_pylist()[0], annotator(batch).to_pylist()[0]
+    assert first["dense_match"] is True and second["dense_match"] is None
+    assert second["dense_decode_seconds"] is None and second["text"] == first["text"]

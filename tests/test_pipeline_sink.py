@@ -1,0 +1,112 @@
+"""Atomic Parquet output, the resume set, and the run accounting, on local disk and a real S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.accounting import RunAccounting
+from pipeline.schema import NAMES, SCHEMA, to_table
+from pipeline.sink import ParquetSink, ok_ids, part_files, read_rows, remove_outputs, write_json
+from pipeline.storage import StorageOptions
+
+pytest_plugins = ["pipeline_fixtures"]
+LOCAL = StorageOptions()
+
+
+def _row(i: int, status: str = "ok", **extra: object) -> dict:
+    return {
+        "id": f"v{i}:caption",
+        "video_id": f"v{i}",
+        "video_uri": f"/data/v{i}.mp4",
+        "task": "caption",
+        "status": status,
+        "error": None if status == "ok" else "boom",
+        "num_frames": 8,
+        "created_at": datetime.now(timezone.utc),
+        **extra,
+    }
+
+
+def test_rows_are_committed_in_whole_files_of_rows_per_file(tmp_path: Path) -> None:
+    sink = ParquetSink(str(tmp_path), LOCAL, run_id="r1", rows_per_file=3)
+    sink.write(to_table([_row(i) for i in range(4)]))
+    assert [Path(f).name for f in part_files(str(tmp_path), LOCAL)] == ["part-r1-00000.parquet"]
+    sink.write(to_table([_row(i) for i in range(4, 7)]))
+    sink.close()
+    files = part_files(str(tmp_path), LOCAL)
+    assert [pq.read_metadata(f).num_rows for f in files] == [3, 3, 1]
+    assert pq.read_schema(files[0]).names == list(NAMES)
+    assert not (tmp_path / "_tmp").exists()  # nothing half-written left behind
+
+
+def test_a_half_written_file_is_never_trusted(tmp_path: Path) -> None:
+    sink = ParquetSink(str(tmp_path), LOCAL, run_id="r1")
+    sink.write(to_table([_row(0)]))
+    sink.close()
+    (tmp_path / "_tmp").mkdir()
+    (tmp_path / "_tmp" / "part-r2-00000.parquet.abc").write_bytes(b"PAR1 half a file")  # a killed writer
+    assert ok_ids(str(tmp_path), LOCAL) == {"v0:caption"}
+    assert read_rows(str(tmp_path), LOCAL).num_rows == 1
+
+
+def test_resume_set_is_ids_with_an_ok_row(tmp_path: Path) -> None:
+    sink = ParquetSink(str(tmp_path), LOCAL, run_id="r1")
+    sink.write(to_table([_row(0), _row(1, "error"), _row(2, "error")]))
+    sink.close()
+    sink = ParquetSink(str(tmp_path), LOCAL, run_id="r2")
+    sink.write(to_table([_row(2)]))  # a later run fixed v2
+    sink.close()
+    assert ok_ids(str(tmp_path), LOCAL) == {"v0:caption", "v2:caption"}
+    assert ok_ids(str(tmp_path / "nothing-yet"), LOCAL) == set()
+
+
+def test_overwrite_removes_rows_and_summaries(tmp_path: Path) -> None:
+    sink = ParquetSink(str(tmp_path), LOCAL, run_id="r1")
+    sink.write(to_table([_row(0)]))
+    sink.close()
+    write_json(str(tmp_path / "_summary.json"), {"rows": 1}, LOCAL)
+    (tmp_path / "keep.txt").write_text("not ours")
+    assert remove_outputs(str(tmp_path), LOCAL) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_s3_output_round_trip(s3_bucket: str) -> None:
+    output = f"s3://{s3_bucket}/annotations"
+    sink = ParquetSink(output, StorageOptions(), run_id="r1", rows_per_file=2)
+    sink.write(to_table([_row(i) for i in range(3)]))
+    sink.close()
+    write_json(f"{output}/_summary.json", {"rows": 3}, StorageOptions())
+    assert sink.files == [f"{output}/part-r1-00000.parquet", f"{output}/part-r1-00001.parquet"]
+    table = read_rows(output, StorageOptions())
+    assert table.schema == SCHEMA and sorted(table["id"].to_pylist()) == [f"v{i}:caption" for i in range(3)]
+    import s3fs
+
+    assert json.loads(s3fs.S3FileSystem().cat(f"{s3_bucket}/annotations/_summary.json")) == {"rows": 3}
+
+
+def test_accounting_summary_from_rows() -> None:
+    accounting = RunAccounting(expected_rows=4, started=time.perf_counter() - 6.0)  # a 6 s run
+    std = {"visual_tokens": 100, "prompt_tokens": 120, "generated_tokens": 10, "drafted_tokens": 12,
+           "accepted_tokens": 6, "rounds": 3, "decode_seconds": 0.5}  # fmt: skip
+    accounting.add(to_table([
+        _row(0, **std, dense_decode_seconds=1.0, dense_match=True),
+        {**_row(0, **std), "id": "v0:qa:1"},  # the same video again: frames counted once
+        _row(1, **std, task="mcq", correct=True),
+        _row(2, "error"),
+    ]))  # fmt: skip
+    summary = accounting.summary(gpus_held=2)
+    assert (summary["videos"], summary["rows"], summary["rows_ok"], summary["rows_error"]) == (3, 4, 3, 1)
+    assert summary["frames"] == 24 and summary["generated_tokens"] == 30 and summary["visual_tokens"] == 300
+    assert summary["acceptance_rate"] == pytest.approx(18 / 36)
+    assert summary["mean_accepted_per_round"] == pytest.approx(27 / 9)  # (generated - 1) per round, bonus in
+    assert summary["speedup"] == pytest.approx(2.0) and summary["dense_match_rate"] == 1.0
+    assert summary["mcq_accuracy"] == 1.0 and summary["top_errors"] == {"boom": 1}
+    assert summary["gpu_seconds_per_video"] == pytest.approx(2 * 6.0 / 3, rel=0.05)  # 2 GPUs held for 6 s
+    assert summary["videos_per_s"] == pytest.approx(3 / 6.0, rel=0.05)
+    assert "rows 4/4" in accounting.progress_line()
