@@ -239,6 +239,8 @@ class _Decode:
         if not self.do_sample:
             return greedy_agreement(drafts, p.argmax(dim=-1))
         n = drafts.shape[1]
+        if n == 0:
+            return drafts.new_zeros(drafts.shape, dtype=torch.bool)
         return sampling_agreement(drafts, torch.softmax(p, -1), q[:, at : at + n], uniforms[:, at : at + n])
 
     def accept(

@@ -67,7 +67,9 @@ def first_divergence(
     return result
 
 
-def _teacher_forced_logits(model: torch.nn.Module, mrope: bool, inputs: dict, generated: torch.Tensor) -> torch.Tensor:
+def _teacher_forced_logits(
+    model: torch.nn.Module, mrope: bool, inputs: dict, generated: torch.Tensor
+) -> torch.Tensor:
     """Dense logits ``[B, T, V]`` predicting each generated token from the prompt and the tokens before."""
     prompt_len = inputs["input_ids"].shape[1]
     forced = dict(inputs)
@@ -76,7 +78,9 @@ def _teacher_forced_logits(model: torch.nn.Module, mrope: bool, inputs: dict, ge
     mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
     forced["attention_mask"] = torch.cat([mask, torch.ones_like(generated)], dim=1)
     if "mm_token_type_ids" in inputs:
-        forced["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated)], dim=1)
+        forced["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros_like(generated)], dim=1
+        )
     if not mrope:
         positions = forced["attention_mask"].long().cumsum(-1) - 1
         forced["position_ids"] = positions.clamp(min=0)

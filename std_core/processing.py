@@ -5,8 +5,8 @@
 StD receives both and applies them exactly as plain decoding would. Each drafted or verified
 position ``i`` of row ``b`` is processed with the ids that plain decoding would have seen there:
 the row's committed tokens followed by the drafts before ``i``. Rows are ragged (each has its own
-number of committed tokens), so history-dependent processors run one (row, position) at a time;
-processors that ignore the ids (temperature, top-k, top-p, …) run batched.
+number of committed tokens), so history-dependent processors run once per position and distinct row
+length; processors that ignore the ids (temperature, top-k, top-p, …) run once, batched.
 """
 
 from __future__ import annotations
@@ -73,11 +73,30 @@ class Scorer:
             ids = history[:, :0].repeat_interleave(n, dim=0)
             return self.processors(ids, logits.reshape(batch * n, vocab)).reshape(batch, n, vocab)
         out = torch.empty_like(logits)
-        for b in range(batch):
-            for i in range(n):
-                ids = torch.cat([history[b, : lengths[b]], extra[b, : offset + i]])[None]
-                out[b, i] = self.processors(ids, logits[b, i : i + 1])[0]
+        for i in range(n):
+            for rows, ids in self._aligned_batches(history, lengths, extra, offset + i):
+                out[rows, i] = self.processors(ids, logits[:, i])[rows]
         return out
+
+    @staticmethod
+    def _aligned_batches(
+        history: torch.Tensor, lengths: list[int], extra: torch.Tensor, extra_len: int
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Full-batch id tensors, one per distinct row length: rows of that length carry their own ids,
+        the others a copy of one of them (their scores are discarded). Processors that hold per-row
+        state (e.g. the repetition penalty's per-row prompt padding) thus always see the whole batch,
+        as in ``generate``."""
+        groups: dict[int, list[int]] = {}
+        for b, length in enumerate(lengths):
+            groups.setdefault(length, []).append(b)
+        batches = []
+        for length, rows in groups.items():
+            source = torch.full((len(lengths),), rows[0], dtype=torch.long)
+            source[rows] = torch.tensor(rows)
+            source = source.to(history.device)
+            ids = torch.cat([history[source, :length], extra[source, :extra_len]], dim=1)
+            batches.append((rows, ids))
+        return batches
 
 
 class StopRule:
