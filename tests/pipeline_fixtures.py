@@ -70,7 +70,7 @@ def ray_local(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("STD_ANNOTATE_CACHE", str(tmp_path_factory.mktemp("cache")))
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

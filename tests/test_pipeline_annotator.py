@@ -117,3 +117,37 @@ def test_dense_sample_only_on_the_first_batches(model_dir: Path, tmp_path: Path,
     first, second = annotator(batch).to_pylist()[0], annotator(batch).to_pylist()[0]
     assert first["dense_match"] is True and second["dense_match"] is None
     assert second["dense_decode_seconds"] is None and second["text"] == first["text"]
+
+
+class _FlipSecondToken:
+    """A dense decoder whose row-0 output differs from StD's at generated position 1 (as a bf16 near-tie
+    flip would), to check how a divergence is reported."""
+
+    def __init__(self, decoder, prompt_len: int) -> None:
+        self.decoder, self.prompt_len = decoder, prompt_len
+
+    def generate(self, **kwargs):
+        result = self.decoder.generate(**kwargs)
+        sequences = result.sequences.clone()
+        sequences[0, self.prompt_len + 1] = (sequences[0, self.prompt_len + 1] + 1) % 50
+        return type(result)(sequences=sequences, stats=result.stats)
+
+
+def test_a_divergence_is_reported_with_position_and_margin(
+    annotator: Annotator, tmp_path: Path, clip_bytes
+) -> None:
+    batch = _batch(
+        tmp_path, clip_bytes, {"red-left.mp4": [_item("red-left.mp4")], "blue-up.mp4": [_item("blue-up.mp4")]}
+    )
+    prompt_len = annotator.processor(
+        text=[annotator._chat("Describe the video.")] * 2, videos=[np.array(f) for f in batch["frames"]],
+        padding=True, return_tensors="pt")["input_ids"].shape[1]  # fmt: skip
+    original = annotator.dense
+    annotator.dense = _FlipSecondToken(original, prompt_len)
+    try:
+        rows = annotator(batch).to_pylist()
+    finally:
+        annotator.dense = original
+    assert [r["dense_match"] for r in rows] == [False, True]
+    assert rows[0]["divergence_position"] == 1 and rows[0]["divergence_margin"] >= 0
+    assert rows[1]["divergence_position"] is None and rows[0]["text"] != rows[0]["dense_text"]

@@ -20,7 +20,7 @@ from ray import cloudpickle
 from jobs import annotate, caption
 from pipeline.annotator import Annotator
 from pipeline.config import PipelineConfig
-from pipeline.run import run_pipeline
+from pipeline.run import build_dataset, plan_run, run_pipeline
 from pipeline.schema import SCHEMA
 
 pytest_plugins = ["pipeline_fixtures"]
@@ -173,3 +173,18 @@ def test_a_crashed_actor_is_restarted_and_its_batch_retried_without_duplicates(
     ids = pq.read_table(tmp_path / "out")["id"].to_pylist()
     assert sorted(ids) == sorted(f"{n.split('.')[0]}:caption" for n in GOOD)  # every row once
     assert summary["rows_ok"] == len(GOOD) and summary["status"] == "ok"
+
+
+def test_cpu_fallback_keeps_decoding_a_separate_task_stage(
+    ray_local: str, model_dir: Path, tmp_path: Path, clip_bytes: dict
+) -> None:
+    """With num_gpus=0 the model actors request the same CPU as a default map; Ray would fuse decoding
+    into the actors (no overlap of decode and generate) unless the decode stage's resources differ."""
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(clip_bytes["red-left.mp4"])
+    config = PipelineConfig(input=str(tmp_path / "clips"), output=str(tmp_path / "out"), model=str(model_dir),
+                            num_gpus=0, max_new_tokens=2, dense_sample=0)  # fmt: skip
+    ds = build_dataset(config, plan_run(config, log=lambda _: None), num_gpus=0.0).materialize()
+    stats = ds.stats()
+    assert "MapBatches(decode_frames)" in stats and "decode_frames)->MapBatches(Annotator)" not in stats
+    assert ds.take_all()[0]["status"] == "ok"

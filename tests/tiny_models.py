@@ -244,7 +244,9 @@ def build_qwen3_vl(seed: int = 0) -> TinyVideoLM:
     pixels = {"size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 4096}}  # a whole-video budget
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, min_pixels=32 * 32, max_pixels=32 * 32 * 64),
-        video_processor=Qwen3VLVideoProcessor(**pixels, patch_size=16, do_sample_frames=False, cap_pixels_per_frame=True),
+        video_processor=Qwen3VLVideoProcessor(
+            **pixels, patch_size=16, do_sample_frames=False, cap_pixels_per_frame=True
+        ),
         tokenizer=tok,
         chat_template=QWEN_TEMPLATE,
     )

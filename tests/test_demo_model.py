@@ -1,0 +1,156 @@
+"""The demo model: tokenizer and processor round trips, the committed directory, training guards, quality.
+
+The quality test greedy-decodes the committed model on held-out clips (H.264 round trip, as the pipeline
+sees them) and checks bounds that random weights cannot pass: a random model names no world attribute
+reliably (chance: 1/6 colours, 1/4 letters).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
+
+from pipeline import demo_eval, demo_model
+from pipeline import demo_world as world
+from pipeline.prompts import CAPTION_PROMPT
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = demo_model.default_model_dir()
+
+
+def _messages(prompt: str, video: object = None) -> list[dict]:
+    video_part = {"type": "video"} if video is None else {"type": "video", "video": video}
+    return [{"role": "user", "content": [video_part, {"type": "text", "text": prompt}]}]
+
+
+def test_tokenizer_round_trips_every_world_string() -> None:
+    tok = demo_model.build_tokenizer()
+    unk = tok.convert_tokens_to_ids("<|unk|>")
+    for seed in range(200, 260):
+        item = world.eval_item(seed)
+        for text in (item.caption, item.qa.question, item.qa.answer, item.mcq.prompt, CAPTION_PROMPT):
+            ids = tok(text)["input_ids"]
+            assert unk not in ids, text
+            assert demo_eval.normalise_answer(tok.decode(ids)) == demo_eval.normalise_answer(text)
+    assert tok.decode(tok("A red circle moves left, then a blue square moves up.")["input_ids"]) == (
+        "A red circle moves left, then a blue square moves up."
+    )
+    assert tok("a zebra")["input_ids"][-1] == unk
+
+
+def test_special_tokens_are_single_ids() -> None:
+    tok = demo_model.build_tokenizer()
+    for token in demo_model.SPECIAL_TOKENS:
+        assert tok(token)["input_ids"] == [tok.convert_tokens_to_ids(token)]
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("num_frames", [32, 33, 64])
+def test_processor_video_tokens_between_vision_markers(num_frames: int) -> None:
+    processor = demo_model.build_processor()
+    tok = processor.tokenizer
+    frames = world.render_frames(world.make_clip(1, num_frames=32 if num_frames == 33 else num_frames))
+    if num_frames == 33:  # odd counts are padded to whole temporal patches, never re-sampled
+        frames = frames[:1].repeat(33, axis=0)
+    batch = processor.apply_chat_template(
+        _messages(CAPTION_PROMPT, frames), add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    t, h, w = batch["video_grid_thw"][0].tolist()
+    assert (t, h, w) == ((num_frames + 1) // 2, 12, 12)
+    ids = batch["input_ids"][0].tolist()
+    start, end = (
+        ids.index(tok.convert_tokens_to_ids("<|vision_start|>")),
+        ids.index(tok.convert_tokens_to_ids("<|vision_end|>")),
+    )
+    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    assert ids[start + 1 : end] == [video_id] * (t * h * w // 4)
+    assert batch["mm_token_type_ids"][0].tolist().count(2) == t * h * w // 4
+    assert tok.convert_ids_to_tokens(ids[-2:]) == ["<|im_start|>", "assistant"]
+
+
+def test_config_is_small_gqa_qwen2_vl() -> None:
+    tok = demo_model.build_tokenizer()
+    config = demo_model.build_config(tok)
+    text = config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads
+    assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
+    model = Qwen2VLForConditionalGeneration(config)
+    assert demo_model.parameter_count(model) <= 10_000_000
+    with pytest.raises(ValueError, match="GQA"):
+        demo_model.DemoModelSpec(text_heads=4, text_kv_heads=4)
+
+
+def test_committed_dir_loads_offline_through_auto_classes() -> None:
+    demo_model.check_model_dir(COMMITTED)
+    assert (COMMITTED / "model.safetensors").stat().st_size <= 30_000_000
+    processor = AutoProcessor.from_pretrained(COMMITTED, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(COMMITTED, local_files_only=True)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert processor.video_processor.do_sample_frames is False
+    assert processor.video_processor.size["longest_edge"] == demo_model.MAX_PIXELS
+    card = (COMMITTED / "README.md").read_text()
+    assert demo_model.sha256_of(COMMITTED / "model.safetensors") in card
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "processor_config.json"])
+def test_check_model_dir_names_the_missing_file(tmp_path: Path, missing: str) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(COMMITTED, broken)
+    (broken / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
+        demo_model.check_model_dir(broken)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        demo_model.check_model_dir(tmp_path / "nowhere")
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.train_demo_model", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def test_train_help() -> None:
+    result = _train("--help")
+    assert result.returncode == 0 and "--force" in result.stdout and "--device" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    flags = ["--steps", "2", "--clips-per-step", "1", "--warmup", "1", "--eval-every", "2"]
+    flags += ["--final-eval-clips", "0", "--output", str(out)]
+    first = _train(*flags)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["sha256"] == demo_model.sha256_of(out / "model.safetensors")
+    demo_model.check_model_dir(out)
+    refused = _train(*flags)
+    assert refused.returncode != 0 and "--force" in refused.stderr
+    assert demo_model.sha256_of(out / "model.safetensors") == summary["sha256"]
+    forced = _train(*flags, "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert json.loads(forced.stdout.strip().splitlines()[-1])["sha256"] == summary["sha256"]  # reproducible
+
+
+@pytest.mark.slow
+def test_committed_model_quality_on_heldout_clips() -> None:
+    torch.set_num_threads(2)
+    processor = AutoProcessor.from_pretrained(COMMITTED, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(COMMITTED, local_files_only=True).eval()
+    items = [world.eval_item(s, num_frames=32) for s in world.heldout_seeds(24, offset=500_000)]
+    frames_of = lambda clip: world.codec_roundtrip(world.render_frames(clip))  # noqa: E731
+    scores = demo_eval.evaluate_items(
+        model, processor, items, frames_of=frames_of, clips_per_batch=8
+    ).summary()
+    assert scores["mcq"] >= 0.8, scores
+    assert scores["qa"] >= 0.7, scores
+    assert scores["caption_attributes"] >= 0.7, scores

@@ -1,0 +1,124 @@
+"""The procedural world: deterministic from a seed, consistent ground truth, real decodable video files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import demo_world as world
+from pipeline.prompts import LETTERS, format_mcq_prompt
+
+
+def test_same_seed_same_clip_and_frames() -> None:
+    a, b = world.make_clip(7), world.make_clip(7)
+    assert a == b
+    assert np.array_equal(world.render_frames(a), world.render_frames(b))
+    assert world.caption(a) == world.caption(b) and world.mcq_items(a) == world.mcq_items(b)
+
+
+def test_different_seeds_differ() -> None:
+    captions = {world.caption(world.make_clip(s)) for s in range(20)}
+    assert len(captions) > 15
+
+
+def test_clip_lengths_and_frame_shape() -> None:
+    lengths = {world.make_clip(s).num_frames for s in range(200)}
+    assert min(lengths) == world.MIN_FRAMES and max(lengths) == world.MAX_FRAMES
+    assert all(t % world.FRAME_STEP == 0 for t in lengths)
+    frames = world.render_frames(world.make_clip(3, num_frames=48))
+    assert frames.shape == (48, world.FRAME_HEIGHT, world.FRAME_WIDTH, 3) and frames.dtype == np.uint8
+    with pytest.raises(ValueError, match="even"):
+        world.make_clip(3, num_frames=33)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_events_are_separated_and_inside_the_clip(seed: int) -> None:
+    clip = world.make_clip(seed)
+    appear = [t.appear for t in clip.tracks]
+    disappear = sorted(t.disappear for t in clip.tracks)
+    assert appear == sorted(appear) and len({t.colour for t in clip.tracks}) == len(clip.tracks)
+    assert all(b - a >= 2 for a, b in zip(appear[:-1], appear[1:], strict=True))
+    assert all(b - a >= 2 for a, b in zip(disappear[:-1], disappear[1:], strict=True))
+    assert all(0 <= t.appear < t.disappear < clip.num_frames for t in clip.tracks)
+    assert [e.frame for e in clip.events] == sorted(e.frame for e in clip.events)
+
+
+def _colour_pixels(frame: np.ndarray, colour: str) -> np.ndarray:
+    return np.all(frame == np.array(world.COLOURS[colour], dtype=np.uint8), axis=-1)
+
+
+def test_shapes_visible_exactly_while_alive_and_move_their_way() -> None:
+    clip = world.make_clip(11)
+    frames = world.render_frames(clip)
+    for track in clip.tracks:
+        visible = [bool(_colour_pixels(f, track.colour).any()) for f in frames]
+        assert visible == [track.appear <= f < track.disappear for f in range(clip.num_frames)]
+        first, last = (_colour_pixels(frames[f], track.colour) for f in (track.appear, track.disappear - 1))
+        ys0, xs0 = np.nonzero(first)
+        ys1, xs1 = np.nonzero(last)
+        dx, dy = xs1.mean() - xs0.mean(), ys1.mean() - ys0.mean()
+        expected = {"left": dx < -40, "right": dx > 40, "up": dy < -40, "down": dy > 40}
+        assert expected[track.motion], (track, dx, dy)
+
+
+def test_ground_truth_matches_the_script() -> None:
+    clip = world.make_clip(5)
+    text = world.caption(clip)
+    for t in clip.tracks:
+        assert f"{t.colour} {t.shape} moves {t.motion}" in text
+    answers = {p.question: p.answer for p in world.qa_pairs(clip)}
+    assert answers["What colour was the shape that appeared first?"] == clip.tracks[0].colour
+    assert answers["What colour was the shape that appeared last?"] == clip.tracks[-1].colour
+    assert answers["How many shapes appeared?"] == world.COUNT_WORDS[len(clip.tracks)]
+    first_gone = min(clip.tracks, key=lambda t: t.disappear)
+    assert answers["What colour was the shape that disappeared first?"] == first_gone.colour
+
+
+def test_mcq_items_hold_the_answer_once() -> None:
+    for seed in range(20):
+        clip = world.make_clip(seed)
+        for pair, item in zip(world.qa_pairs(clip), world.mcq_items(clip), strict=True):
+            assert item.question == pair.question and len(set(item.options)) == len(item.options)
+            assert item.options[LETTERS.index(item.answer)] == pair.answer
+            assert item.prompt == format_mcq_prompt(item.question, item.options)
+
+
+def test_heldout_seeds_never_overlap_training_seeds() -> None:
+    assert min(world.heldout_seeds(300)) >= world.HELDOUT_SEED_BASE
+    assert world.eval_item(world.heldout_seeds(1)[0]) == world.eval_item(world.heldout_seeds(1)[0])
+
+
+def test_encoded_file_decodes_with_pyav_and_decord(tmp_path) -> None:
+    decord = pytest.importorskip("decord")
+    frames = world.render_frames(world.make_clip(2, num_frames=32))
+    path = world.encode_video(frames, tmp_path / "clip.mp4")
+    decoded = world.decode_video(path)
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames).mean() < 4  # lossy, but close
+    reader = decord.VideoReader(str(path))
+    assert len(reader) == 32 and reader[0].shape == frames.shape[1:]
+
+
+def test_encode_rejects_odd_sizes(tmp_path) -> None:
+    with pytest.raises(ValueError, match="even"):
+        world.encode_video(np.zeros((4, 15, 16, 3), dtype=np.uint8), tmp_path / "odd.mp4")
+
+
+def test_write_sample_dataset(tmp_path) -> None:
+    manifest = world.write_sample_dataset(tmp_path / "sample", num_clips=3, seed=0)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["clip_0000", "clip_0001", "clip_0002"]
+    for row in rows:
+        frames = world.decode_video(row["video_uri"])
+        assert frames.shape[0] >= world.MIN_FRAMES and row["video_uri"].startswith("/")
+        assert row["answer"] in LETTERS[: len(row["options"])] and len(row["questions"]) == len(
+            row["answers"]
+        )
+    again = world.write_sample_dataset(tmp_path / "again", num_clips=3, seed=0)
+    strip = [
+        {k: v for k, v in json.loads(line).items() if k != "video_uri"}
+        for line in again.read_text().splitlines()
+    ]
+    assert strip == [{k: v for k, v in r.items() if k != "video_uri"} for r in rows]

@@ -1,0 +1,121 @@
+"""The jobs as commands: --help, fail-fast faults (before any model loads), evaluate, and the embedded
+default run exactly as the README's quick start runs it (a subprocess, attached to the session's Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import annotate, caption, evaluate
+from pipeline.samples import write_sample_dataset
+
+pytest_plugins = ["pipeline_fixtures"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _last_json(capsys: pytest.CaptureFixture) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("job", [caption, annotate, evaluate])
+def test_every_job_has_help(job, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--input", "--output", "--model", "--endpoint-url", "--num-frames", "--batch-size"):
+        assert flag in text
+    assert ("--if-exists" in text) == (job is not annotate)  # annotate always resumes
+    assert ("--decoder" in text) == (job is not evaluate)  # evaluate runs both
+
+
+def test_unknown_flag_value_fails_in_argparse(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        caption.main(["--decoder", "fast"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fast' (choose from 'std', 'dense')" in capsys.readouterr().err
+
+
+def test_invalid_numbers_fail_with_the_reason(capsys) -> None:
+    assert caption.main(["--num-frames", "0"]) == 2
+    assert _last_json(capsys) == {"status": "error", "error": "num_frames must be an integer >= 1, got 0"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--input", "s3://videos/clips/", "--endpoint-url", "http://127.0.0.1:9"],
+            "cannot reach the object store",
+        ),
+        (["--input", "s3://no-such-bucket/clips/"], "bucket 'no-such-bucket' does not exist"),
+        (["--input", "MANIFEST"], "no 'video_uri' column"),
+        (["--model", "/nonexistent/model"], "not a model directory"),
+    ],
+)
+def test_run_level_faults_fail_fast_before_any_model_loads(
+    argv, message, s3_endpoint, tmp_path, capsys
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "path": "a.mp4"}) + "\n")
+    argv = [str(manifest) if a == "MANIFEST" else a for a in argv]
+    start = time.perf_counter()
+    assert caption.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    out = _last_json(capsys)
+    assert out["status"] == "error" and message in out["error"]
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "out").exists()  # nothing written, no actor started
+
+
+@pytest.mark.slow
+def test_evaluate_reports_accuracy_exactness_acceptance_and_speedup(
+    ray_local: str, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    manifest = write_sample_dataset(tmp_path / "samples", num_clips=3, seed=1)
+    output = tmp_path / "eval"
+    argv = ["--input", str(manifest), "--output", str(output), "--model", str(model_dir),
+            "--max-new-tokens", "6", "--num-frames", "8", "--sparse-budget", "8", "--gamma", "3"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    report = _last_json(capsys)
+    assert report == json.loads((output / "_evaluation.json").read_text())
+    assert (report["rows"], report["rows_ok"], report["compared_rows"]) == (3, 3, 3)
+    assert report["accuracy"]["scored"] == 3 and report["accuracy"]["std"] == report["accuracy"]["dense"]
+    assert report["exact_match_rate"] == 1.0 and report["divergences"] == []  # fp32 greedy: lossless
+    assert 0 <= report["acceptance_rate"] <= 1 and report["mean_accepted_per_round"] >= 1
+    assert report["speedup"] > 0 and report["std_decode_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_like_the_quick_start(ray_local: str, tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.caption", "--max-new-tokens", "6", "--num-samples", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["rows"], summary["rows_ok"], summary["status"]) == (2, 2, "ok")
+    assert "[progress] rows 2/2" in proc.stderr  # live progress on stderr
+    out = tmp_path / "out"
+    assert json.loads((out / "_summary.json").read_text()) == summary
+    assert len(list(out.glob("part-*.parquet"))) == 1
+
+
+def test_readme_documents_every_flag_and_column() -> None:
+    import dataclasses
+
+    from pipeline.config import PipelineConfig
+    from pipeline.schema import NAMES
+
+    readme = (ROOT / "README.md").read_text()
+    for field in dataclasses.fields(PipelineConfig):
+        assert f"| `--{field.name.replace('_', '-')}` |" in readme, field.name
+    for column in NAMES:
+        assert f"| `{column}` |" in readme, column
+    assert "RAY_AUTH_MODE=disabled" in readme and "jobs.annotate" in readme and "*/30 * * * *" in readme

@@ -1,0 +1,76 @@
+"""SlotCache: per-row writes, masks, commits (the rollback) and adopting another cache's window."""
+
+from __future__ import annotations
+
+import torch
+
+from std_core.kv_cache import SlotCache
+
+
+def _cache(lengths: list[int], starts: list[int], capacity: int = 12) -> SlotCache:
+    cache = SlotCache(num_layers=1, capacity=capacity)
+    layer = cache.layers[0]
+    layer.lazy_initialization(torch.zeros(len(lengths), 1, 0, 2), torch.zeros(len(lengths), 1, 0, 2))
+    cache.reset_rows(torch.tensor(starts), torch.tensor(lengths))
+    return cache
+
+
+def _step(cache: SlotCache, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``values [B, q]`` (as keys [B, 1, q, 2]) and return the mask and the readable keys."""
+    mask = cache.begin_forward(values.shape[1], groups=1)
+    states = values[:, None, :, None].expand(-1, -1, -1, 2).float()
+    keys, _ = cache.update(states, states.clone(), 0)
+    cache.end_forward(values.shape[1])
+    return mask, keys
+
+
+def test_rows_write_at_their_own_lengths_and_masks_hide_the_rest() -> None:
+    cache = _cache(lengths=[3, 5], starts=[1, 0])
+    mask, keys = _step(cache, torch.tensor([[7, 8], [9, 10]]))
+    assert keys.shape[2] == 7  # max length 5 + 2 new
+    assert keys[0, 0, 3:5, 0].tolist() == [7, 8] and keys[1, 0, 5:7, 0].tolist() == [9, 10]
+    # row 0, query 0 sees slots 1..3 (start 1, itself at 3); query 1 sees 1..4
+    assert mask[0, 0, 0].tolist() == [False, True, True, True, False, False, False]
+    assert mask[0, 0, 1].tolist() == [False, True, True, True, True, False, False]
+    assert mask[1, 0, 1].tolist() == [True] * 7
+
+
+def test_commit_keeps_a_prefix_per_row_and_rolls_back_the_rest() -> None:
+    cache = _cache(lengths=[4, 4], starts=[0, 0])
+    _step(cache, torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    cache.commit(torch.tensor([1, 3]), [1, 3])
+    assert cache.lengths.tolist() == [5, 7] and cache.pending == 0
+    mask, keys = _step(cache, torch.tensor([[20], [30]]))
+    assert keys[0, 0, 5, 0] == 20 and keys[1, 0, 7, 0] == 30  # row 0 overwrote its rejected slot
+    assert mask[0, 0, 0, :6].all() and not mask[0, 0, 0, 6:].any()
+
+
+def test_group_tiling_of_the_mask() -> None:
+    cache = _cache(lengths=[2], starts=[0])
+    mask = cache.begin_forward(2, groups=3)
+    assert mask.shape == (1, 1, 6, 4)
+    assert torch.equal(mask[0, 0, 0:2], mask[0, 0, 2:4]) and torch.equal(mask[0, 0, 0:2], mask[0, 0, 4:6])
+
+
+def test_adopt_tentative_copies_the_other_caches_window() -> None:
+    dense = _cache(lengths=[6, 8], starts=[0, 0])
+    sparse = _cache(lengths=[3, 4], starts=[1, 0])
+    _step(sparse, torch.tensor([[-1, -1], [-1, -1]]))  # the drafts' own (sparse) states
+    _step(dense, torch.tensor([[11, 12, 13], [21, 22, 23]]))  # verify: pending + 2 drafts
+    sparse.adopt_tentative(dense)
+    assert sparse.pending == 3
+    keep = [2, 3]
+    sparse.commit(torch.tensor(keep), keep)
+    keys = sparse.layers[0].keys[:, 0, :, 0]
+    assert keys[0, 3:5].tolist() == [11, 12] and keys[1, 4:7].tolist() == [21, 22, 23]
+    assert sparse.lengths.tolist() == [5, 7]
+
+
+def test_gathered_cache_holds_the_selected_slots() -> None:
+    dense = _cache(lengths=[5], starts=[0], capacity=8)
+    dense.layers[0].keys[0, 0, :5, 0] = torch.arange(10, 15).float()
+    index = [torch.tensor([[[0, 2, 4]]])]
+    sparse = SlotCache.gathered(dense, index, starts=torch.tensor([1]), capacity=6)
+    assert sparse.layers[0].keys[0, 0, :3, 0].tolist() == [10, 12, 14]
+    assert sparse.starts.tolist() == [1] and sparse.lengths.tolist() == [3]
+    assert sparse.layers[0].keys.shape[2] == 6  # O(budget + generated), not the dense length
