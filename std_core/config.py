@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["std", "dense"]
+Mode = Literal["std", "dense", "auto"]
 Verify = Literal["parallel", "sequential"]
 Selection = Literal["text_topk", "sink_window"]
 SelectionQueries = Literal["all_text", "after_visual"]
 
-_MODES = ("std", "dense")
+_MODES = ("std", "dense", "auto")
 _VERIFY = ("parallel", "sequential")
 _SELECTION = ("text_topk", "sink_window")
 _QUERIES = ("all_text", "after_visual")
@@ -38,9 +38,11 @@ class StdConfig:
 
     Attributes:
         mode: ``"std"`` drafts with the sparse cache and verifies densely; ``"dense"`` runs plain
-            autoregressive decoding through the same code path (the fair baseline, and the fallback).
-        gamma: drafts per round (paper: 9). Larger γ amortises a verify over more tokens but wastes
-            more drafts after a rejection.
+            autoregressive decoding through the same code path (the fair baseline, and the fallback);
+            ``"auto"`` picks γ per round (0 = dense) from measured step costs and the running
+            acceptance, so it does not use StD where StD cannot win (see :mod:`std_core.auto`).
+        gamma: drafts per round (paper: 9); the largest γ ``"auto"`` may pick. Larger γ amortises a
+            verify over more tokens but wastes more drafts after a rejection.
         sparse_budget: prompt tokens kept in the sparse cache per (layer, KV head), K + m_t
             (paper: 1024). Non-visual prompt tokens are always kept, so K = budget − m_t, clamped to
             [0, visual tokens].

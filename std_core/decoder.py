@@ -19,6 +19,8 @@ row's rejection never discards another row's accepted tokens.
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ from std_core.acceptance import (
     sampling_agreement,
 )
 from std_core.attention import attention_phase, install
+from std_core.auto import AutoPolicy, StepCosts, shape_bucket
 from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
@@ -39,6 +42,11 @@ from std_core.processing import Scorer, StopRule
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
 from std_core.stats import DecodeStats, PhaseTimer, RowStats
 from std_core.validation import validate_generate_inputs
+
+# Step costs measured by mode="auto", per model, then (device, dtype, shape bucket); and the acceptance
+# earlier batches of a model saw (the next batch's prior).
+_STEP_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ACCEPTANCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ class _Decode:
     ) -> GenerateResult:
         batch, prompt_len = input_ids.shape
         self.do_sample = bool(generation_config.do_sample)
-        self.gamma = self.config.gamma if self.config.mode == "std" else 0
+        self.gamma = 0 if self.config.mode == "dense" else self.config.gamma
         self.timer = PhaseTimer(input_ids.device)
         self.scorer = Scorer(logits_processor)
         self.stop = StopRule(stopping_criteria, prompt_len, generation_config.max_length)
@@ -113,8 +121,11 @@ class _Decode:
         self.sparse = self.select() if self.gamma else None
         self.base_positions = next_positions(self.spec, model_kwargs["position_ids"])
         self.start_rows(input_ids, logits)
+        self.policy = self.auto_policy() if self.config.mode == "auto" else None
         while not all(self.finished):
             self.round()
+        if self.policy is not None:
+            _ACCEPTANCE[self.model] = self.policy.estimate.alpha
         return GenerateResult(self.tokens[:, : prompt_len + max(self.generated)], self.stats())
 
     # ------------------------------------------------------------------------------ prefill, select
@@ -158,7 +169,7 @@ class _Decode:
         self.generated = [0] * batch
         self.finished = [False] * batch
         self.row_stats = [RowStats() for _ in range(batch)]
-        self.batch_rounds = 0
+        self.round_gammas: list[int] = []
         empty = input_ids[:, :0]
         scores = self.scorer(logits, self.tokens, self.committed_lengths(), empty)
         first = self.pick(scores[:, 0])
@@ -179,12 +190,14 @@ class _Decode:
         remaining = max(
             self.stop.max_new_tokens - g for g, f in zip(self.generated, self.finished, strict=True) if not f
         )
-        gamma = min(self.gamma, remaining - 1)
+        gamma = min(self.gamma if self.policy is None else self.policy.choose(), remaining - 1)
         uniforms = self.uniforms(gamma)
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
         p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
         accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
-        self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
+        accepted_host = self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
+        if self.policy is not None:
+            self.policy.record(accepted_host, gamma)
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
@@ -255,18 +268,22 @@ class _Decode:
 
     def roll_back(
         self, drafts: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor, gamma: int
-    ) -> None:
-        """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``."""
+    ) -> list[int]:
+        """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``.
+        Returns the accepted counts of the rows that were live this round."""
         new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
         host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
-        keep = self.commit_tokens(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
+        accepted_host = host[:, 0].tolist()
+        live = [a for a, done in zip(accepted_host, self.finished, strict=True) if not done]
+        self.round_gammas.append(gamma)
+        keep = self.commit_tokens(host[:, 1:], accepted_host, gamma=gamma)
         keep_t = torch.tensor(keep, device=drafts.device)
         if self.sparse is not None:
             self.sparse.adopt_tentative(self.dense)
             self.sparse.commit(keep_t, keep)
         self.dense.commit(keep_t, keep)
         self.pending = bonus
-        self.batch_rounds += 1
+        return live
 
     def commit_tokens(self, new: torch.Tensor, accepted: list[int], gamma: int | None = None) -> list[int]:
         """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, *]`` on the CPU, cut
@@ -288,6 +305,42 @@ class _Decode:
             keep[b] = 0 if self.finished[b] else a + 1
         self.cached = torch.tensor([g - 1 for g in self.generated], device=self.tokens.device)
         return keep
+
+    # ----------------------------------------------------------------------------------- mode="auto"
+    def auto_policy(self) -> AutoPolicy:
+        """The round policy: step costs from the cache or a short calibration, α prior from earlier calls."""
+        param = next(self.model.parameters())
+        bucket = shape_bucket(len(self.generated), self.dense.max_cursor(), self.sparse.max_cursor())
+        per_model = _STEP_COSTS.setdefault(self.model, {})
+        key = (str(param.device), str(param.dtype), self.gamma, bucket)
+        if key not in per_model:
+            per_model[key] = self.measure_costs()
+        return AutoPolicy(per_model[key], self.gamma, _ACCEPTANCE.get(self.model, 0.6))
+
+    def measure_costs(self, repeats: int = 2) -> StepCosts:
+        """Time a dense step, a verify of γ + 1 tokens and a draft step on this call's own caches
+        (each forward is rolled back at once); the fastest of ``repeats`` after a warm-up."""
+        batch = len(self.generated)
+        none = torch.zeros(batch, dtype=torch.long, device=self.pending.device)
+
+        def timed(cache: SlotCache, tokens: torch.Tensor) -> float:
+            best = float("inf")
+            for attempt in range(repeats + 1):
+                _synchronize(tokens.device)
+                start = time.perf_counter()
+                self.forward(cache, tokens)
+                _synchronize(tokens.device)
+                cache.commit(none, [0] * batch)
+                if attempt:
+                    best = min(best, time.perf_counter() - start)
+            return best
+
+        one = self.pending[:, None]
+        q = self.gamma + 1
+        dense = timed(self.dense, one)
+        verify = timed(self.dense, one.expand(-1, q).contiguous())
+        draft = timed(self.sparse, one)
+        return StepCosts.from_measurements(dense, draft, dense, verify, q)
 
     # ------------------------------------------------------------------------------------- helpers
     def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -326,9 +379,15 @@ class _Decode:
             select_seconds=select,
             draft_seconds=seconds.get("draft", 0.0),
             verify_seconds=seconds.get("verify", 0.0),
-            batch_rounds=self.batch_rounds,
+            batch_rounds=len(self.round_gammas),
+            round_gammas=tuple(self.round_gammas),
             visual_tokens=tuple(int(x) for x in self.layout.visual.sum(dim=1).tolist()),
             kept_prompt_tokens=tuple(int(x) for x in self.layout.keep_counts.tolist()),
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
         )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

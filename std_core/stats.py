@@ -57,6 +57,7 @@ class DecodeStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     batch_rounds: int = 0
+    round_gammas: tuple[int, ...] = ()  # γ of every batch round (constant unless mode="auto")
     visual_tokens: tuple[int, ...] = ()
     kept_prompt_tokens: tuple[int, ...] = ()
     sparse_cache_bytes: int = 0

@@ -8,6 +8,7 @@ the match is earned by verification, not by a draft identical to the dense model
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,18 @@ def test_a_divergence_is_reported_with_position_and_margin(
     assert [r["dense_match"] for r in rows] == [False, True]
     assert rows[0]["divergence_position"] == 1 and rows[0]["divergence_margin"] >= 0
     assert rows[1]["divergence_position"] is None and rows[0]["text"] != rows[0]["dense_text"]
+
+
+def test_sampling_is_seeded_and_skips_the_greedy_match_check(
+    model_dir: Path, tmp_path: Path, clip_bytes
+) -> None:
+    settings = AnnotatorSettings(model=str(model_dir), model_label="tiny", run_id="s", dense_sample=-1,
+                                 max_new_tokens=8, temperature=1.5, seed=0)  # fmt: skip
+    annotator = Annotator(settings)
+    batch = _batch(tmp_path, clip_bytes, {"red-left.mp4": [_item("red-left.mp4")]})
+    first, again = annotator(batch).to_pylist()[0], annotator(batch).to_pylist()[0]
+    annotator.settings = dataclasses.replace(settings, seed=1)
+    other = annotator(batch).to_pylist()[0]
+    assert first["status"] == "ok" and first["text"] == again["text"]  # the seed fixes the draws
+    assert other["text"] != first["text"]
+    assert first["dense_match"] is None and first["dense_decode_seconds"] > 0  # timed, not compared

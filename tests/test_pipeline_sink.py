@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from datetime import datetime, timezone
@@ -10,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.accounting import RunAccounting
+from pipeline.accounting import Progress, RunAccounting
 from pipeline.schema import NAMES, SCHEMA, to_table
 from pipeline.sink import ParquetSink, ok_ids, part_files, read_rows, remove_outputs, write_json
 from pipeline.storage import StorageOptions
@@ -110,3 +111,19 @@ def test_accounting_summary_from_rows() -> None:
     assert summary["gpu_seconds_per_video"] == pytest.approx(2 * 6.0 / 3, rel=0.05)  # 2 GPUs held for 6 s
     assert summary["videos_per_s"] == pytest.approx(3 / 6.0, rel=0.05)
     assert "rows 4/4" in accounting.progress_line()
+
+
+def test_progress_prints_rate_limited_lines_and_no_repeats() -> None:
+    accounting, stream = RunAccounting(expected_rows=2), io.StringIO()
+    progress = Progress(accounting, interval=3600, stream=stream)
+    accounting.add(to_table([_row(0)]))
+    progress.update()  # the first rows: printed at once
+    accounting.add(to_table([_row(1, "error")]))
+    progress.update()  # within the interval: quiet
+    progress.update(force=True)  # the end of the run
+    progress.update(force=True)  # nothing new: no repeated line
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" videos")[0] for line in lines] == [
+        "[progress] rows 1/2 (ok 1, error 0)",
+        "[progress] rows 2/2 (ok 1, error 1)",
+    ]

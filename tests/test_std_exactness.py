@@ -172,3 +172,11 @@ def test_one_rows_rejection_keeps_other_rows_accepted_tokens() -> None:
     rounds = [row.rounds for row in result.stats.rows]
     assert len(set(rounds)) > 1, f"rows should progress at different speeds: {rounds}"
     assert min(rounds) < result.stats.batch_rounds
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_auto_mode_equals_generate(arch: str) -> None:
+    c = case(arch)
+    result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
+    assert_same(result.sequences, c.reference)
+    assert set(result.stats.round_gammas) <= set(range(7))

@@ -1,0 +1,125 @@
+"""``mode="auto"``: pick γ per round (0 = plain dense decoding) from measured step costs and acceptance.
+
+The I/O model of a round with γ drafts: it costs ``γ · draft + verify(γ + 1)`` and commits, when each
+draft is accepted independently with probability α, ``E[tokens] = (1 − α^(γ+1)) / (1 − α)`` tokens.
+Dense decoding costs ``dense`` per token. Auto picks the γ with the most tokens per second, γ = 0
+when no γ beats dense. Step costs come from a short calibration on the call's own caches (a few
+forwards that are rolled back), cached per model, device, dtype and shape bucket; α is the running
+estimate of the current batch, starting from what earlier batches of the same model saw. Whatever it
+picks, the output is the dense model's (every token is verified).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Drafted positions per round that auto considers, up to ``StdConfig.gamma``.
+_PROBE_EVERY = 16  # dense rounds between two short StD rounds that re-measure acceptance
+_PROBE_GAMMA = 2
+_PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
+_DEFAULT_ALPHA = 0.6
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per forward of the whole batch: a dense step (1 token), a draft step (1 token, sparse
+    cache), and a verify of q tokens modelled as ``verify_base + verify_per_token · q``."""
+
+    dense_step: float
+    draft_step: float
+    verify_base: float
+    verify_per_token: float
+
+    def verify(self, q: int) -> float:
+        return self.verify_base + self.verify_per_token * q
+
+    def round_seconds(self, gamma: int) -> float:
+        return self.dense_step if gamma == 0 else gamma * self.draft_step + self.verify(gamma + 1)
+
+    def speedup(self, alpha: float, gamma: int) -> float:
+        """Decode speedup over dense of fixed-γ rounds at per-draft acceptance α (the projection)."""
+        return expected_tokens(alpha, gamma) / self.round_seconds(gamma) * self.dense_step
+
+    @classmethod
+    def from_measurements(
+        cls, dense: float, draft: float, verify_1: float, verify_q: float, q: int
+    ) -> StepCosts:
+        per_token = max(0.0, (verify_q - verify_1) / (q - 1)) if q > 1 else 0.0
+        return cls(dense, draft, max(0.0, verify_1 - per_token), per_token)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens committed by a round of γ drafts (bonus included) at per-draft acceptance α."""
+    if gamma == 0:
+        return 1.0
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def best_gamma(costs: StepCosts, alpha: float, gamma_max: int) -> int:
+    """The γ in ``0..gamma_max`` with the most tokens per second (0: dense is best)."""
+    rates = [expected_tokens(alpha, g) / costs.round_seconds(g) for g in range(gamma_max + 1)]
+    return max(range(gamma_max + 1), key=lambda g: (rates[g], -g))
+
+
+def break_even_alpha(costs: StepCosts, gamma: int) -> float:
+    """The acceptance at which γ-draft rounds match dense decoding (1.0 if they never do)."""
+    lo, hi = 0.0, 1.0
+    if costs.speedup(1.0, gamma) <= 1.0:
+        return 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if costs.speedup(mid, gamma) < 1.0 else (lo, mid)
+    return hi
+
+
+class AcceptanceEstimate:
+    """Running estimate of the per-draft acceptance α from rounds of truncated-geometric outcomes:
+    α̂ = accepted / (accepted + rejections), with a prior worth a couple of rounds."""
+
+    def __init__(self, prior: float = _DEFAULT_ALPHA) -> None:
+        self.accepted = prior * _PRIOR_ROUNDS
+        self.rejections = (1.0 - prior) * _PRIOR_ROUNDS
+
+    def update(self, accepted: list[int], gamma: int) -> None:
+        """Record one round: ``accepted[b]`` drafts of ``gamma`` accepted in each live row."""
+        self.accepted += sum(accepted)
+        self.rejections += sum(1 for a in accepted if a < gamma)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejections)
+
+
+class AutoPolicy:
+    """Chooses each round's γ for one ``generate`` call."""
+
+    def __init__(self, costs: StepCosts, gamma_max: int, prior_alpha: float) -> None:
+        self.costs = costs
+        self.gamma_max = gamma_max
+        self.estimate = AcceptanceEstimate(prior_alpha)
+        self.can_win = best_gamma(costs, 1.0, gamma_max) > 0
+        self.dense_rounds = 0
+
+    def choose(self) -> int:
+        gamma = best_gamma(self.costs, self.estimate.alpha, self.gamma_max)
+        if gamma == 0 and self.can_win:
+            self.dense_rounds += 1
+            if self.dense_rounds % _PROBE_EVERY == 0:
+                return min(_PROBE_GAMMA, self.gamma_max)
+        return gamma
+
+    def record(self, accepted: list[int], gamma: int) -> None:
+        if gamma > 0:
+            self.estimate.update(accepted, gamma)
+
+
+def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int, int, int]:
+    """Cost-cache key part: batch, and both cache lengths rounded up to a power of two."""
+    return (
+        batch,
+        1 << max(0, math.ceil(math.log2(max(1, dense_length)))),
+        1 << max(0, math.ceil(math.log2(max(1, sparse_length)))),
+    )

@@ -1,0 +1,51 @@
+"""Model locations: a local directory, an object-storage URI (copied once into the node cache), the
+default; the pixel limit read from the processor config; and fail-fast checks of bad locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from pipeline.errors import PipelineError
+from pipeline.models import check_model, load_model, pixel_limit, resolve_model
+from pipeline.storage import StorageOptions
+
+pytest_plugins = ["pipeline_fixtures"]
+
+
+@pytest.fixture
+def s3_model(model_dir: Path, s3_endpoint: str, s3_bucket: str) -> str:
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.put(str(model_dir) + "/", f"{s3_bucket}/models/tiny/", recursive=True)
+    return f"s3://{s3_bucket}/models/tiny/"
+
+
+def test_an_s3_model_is_copied_once_into_the_cache_and_loads(
+    s3_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STD_ANNOTATE_CACHE", str(tmp_path / "cache"))
+    local = Path(resolve_model(s3_model, StorageOptions()))
+    assert local.is_relative_to(tmp_path / "cache") and (local / "config.json").is_file()
+    stamp = (local / "config.json").stat().st_mtime_ns
+    assert resolve_model(s3_model, StorageOptions()) == str(local)  # second actor on the node: no copy
+    assert (local / "config.json").stat().st_mtime_ns == stamp
+    model, processor = load_model(str(local), "auto", "cpu")
+    assert model.config.model_type == "qwen2_vl" and processor.tokenizer.padding_side == "left"
+
+
+def test_pixel_limit_comes_from_the_processor_config(model_dir: Path, s3_model: str) -> None:
+    from pipeline.demo_model import MAX_PIXELS
+
+    assert pixel_limit(str(model_dir), StorageOptions()) == MAX_PIXELS
+    assert pixel_limit(s3_model, StorageOptions()) == MAX_PIXELS
+    assert pixel_limit("Qwen/Qwen2-VL-7B-Instruct", StorageOptions()) == 28 * 28 * 768  # hub id: the default
+
+
+def test_bad_model_locations_fail_fast(s3_bucket: str, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="not a model directory"):
+        check_model(str(tmp_path), StorageOptions())
+    with pytest.raises(PipelineError, match="no config.json there"):
+        check_model(f"s3://{s3_bucket}/models/none/", StorageOptions())
+    check_model("Qwen/Qwen2-VL-7B-Instruct", StorageOptions())  # a hub id is for transformers to resolve

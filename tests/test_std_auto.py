@@ -1,0 +1,60 @@
+"""The auto policy's cost model: expected tokens, the best γ, break-even acceptance, the estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from std_core.auto import (
+    AcceptanceEstimate,
+    AutoPolicy,
+    StepCosts,
+    best_gamma,
+    break_even_alpha,
+    expected_tokens,
+)
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.0, 9) == 1.0
+    assert expected_tokens(1.0, 9) == 10.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_weight_bound_costs_choose_dense() -> None:
+    # a draft costs as much as a dense step: nothing to win, whatever the acceptance
+    costs = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.05)
+    assert best_gamma(costs, 0.99, 9) == 0
+    assert break_even_alpha(costs, 4) == 1.0
+
+
+def test_kv_bound_costs_choose_long_rounds_at_high_acceptance() -> None:
+    # a draft reads 1/16 of the KV; a verify costs little more than a dense step
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    assert best_gamma(costs, 0.9, 9) >= 6
+    assert 0 < best_gamma(costs, 0.5, 9) < best_gamma(costs, 0.9, 9)
+    assert best_gamma(costs, 0.02, 9) == 0
+    alpha = break_even_alpha(costs, 4)
+    assert costs.speedup(alpha, 4) == pytest.approx(1.0, abs=1e-6)
+    assert costs.speedup(0.62, best_gamma(costs, 0.62, 9)) > 1.5
+
+
+def test_costs_from_measurements_fit_the_verify_line() -> None:
+    costs = StepCosts.from_measurements(dense=1.0, draft=0.1, verify_1=1.0, verify_q=1.9, q=10)
+    assert costs.verify(1) == pytest.approx(1.0) and costs.verify(10) == pytest.approx(1.9)
+
+
+def test_acceptance_estimate_is_the_truncated_geometric_mle() -> None:
+    estimate = AcceptanceEstimate(prior=0.5)
+    for _ in range(200):
+        estimate.update([3, 4], gamma=4)  # one rejection after 3 accepted, one full round
+    assert estimate.alpha == pytest.approx(7 / 8, abs=0.01)
+
+
+def test_policy_probes_when_it_fell_back_to_dense() -> None:
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    policy = AutoPolicy(costs, gamma_max=9, prior_alpha=0.0)
+    choices = [policy.choose() for _ in range(40)]
+    assert choices.count(0) >= 36 and max(choices) > 0  # mostly dense, with short probes
+    for _ in range(20):
+        policy.record([9, 9], gamma=2)  # probes come back fully accepted
+    assert policy.choose() >= 6
