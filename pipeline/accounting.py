@@ -14,6 +14,7 @@ always agrees with the Parquet files:
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,12 +127,14 @@ class Progress:
     ) -> None:
         self.accounting, self.interval = accounting, interval
         self.stream = stream or sys.stderr
-        self._last = 0.0
+        self._last = -math.inf  # the first rows are reported at once
+        self._last_rows = -1
 
     def update(self, force: bool = False) -> None:
+        """Print now if ``interval`` has passed (or ``force``), unless nothing changed since the last line."""
         now = time.perf_counter()
-        if force or now - self._last >= self.interval:
-            self._last = now
+        if (force or now - self._last >= self.interval) and self.accounting.rows != self._last_rows:
+            self._last, self._last_rows = now, self.accounting.rows
             print(self.accounting.progress_line(), file=self.stream, flush=True)
 
 
