@@ -65,8 +65,10 @@ def config_from_args(args: argparse.Namespace, fixed: dict[str, Any] | None = No
 
 
 def run_main(body: Callable[[], dict]) -> int:
-    """Run a job body; print its result as the last stdout line (one JSON object). Exit 0, or 2 on a
-    PipelineError / invalid config, with the reason on stderr and in the JSON line."""
+    """Run a job body; print its result as the last stdout line (one JSON object).
+
+    Exit codes: 0 done; 1 the run finished with fewer rows than items (``"status": "incomplete"``);
+    2 a PipelineError or invalid config, with the reason on stderr and in the JSON line."""
     try:
         result = body()
     except (PipelineError, ValueError) as exc:
@@ -74,4 +76,4 @@ def run_main(body: Callable[[], dict]) -> int:
         print(json.dumps({"status": "error", "error": str(exc)}))
         return 2
     print(json.dumps(result, default=str))
-    return 0
+    return 0 if result.get("status", "ok") == "ok" else 1

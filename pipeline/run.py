@@ -73,7 +73,12 @@ def plan_run(config: PipelineConfig, log: Callable[[str], None] = print) -> Plan
     log(
         f"[plan] {len(items)} items from {input_uri}; {len(items) - len(pending)} skipped; {len(pending)} to run"
     )
-    return Plan(input_uri, items, pending, storage, config.run_id or new_run_id())
+    run_id = config.run_id or new_run_id()
+    if part_files(config.output, storage, run_id):
+        raise PipelineError(
+            f"output {config.output} already holds files of run {run_id}: pass a new --run-id"
+        )
+    return Plan(input_uri, items, pending, storage, run_id)
 
 
 def _sample_input(config: PipelineConfig) -> str:

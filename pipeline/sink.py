@@ -81,13 +81,15 @@ class ParquetSink:
         self.files.append(join(self.output, name))
 
 
-def part_files(output: str, storage: StorageOptions) -> list[str]:
-    """Committed row files directly under ``output`` (fsspec paths), sorted; [] if it does not exist."""
+def part_files(output: str, storage: StorageOptions, run_id: str | None = None) -> list[str]:
+    """Committed row files directly under ``output`` (of ``run_id`` only, if given), as fsspec paths,
+    sorted; [] if ``output`` does not exist."""
     fs, root = get_fs(output.rstrip("/"), storage)
     if not fs.isdir(root):
         return []
+    prefix = f"{PART_PREFIX}{run_id}-" if run_id else PART_PREFIX
     names = fs.ls(root, detail=False, refresh=True)
-    return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(PART_PREFIX) and p.endswith(".parquet"))
+    return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith(prefix) and p.endswith(".parquet"))
 
 
 def read_rows(output: str, storage: StorageOptions, columns: list[str] | None = None) -> pa.Table:

@@ -119,3 +119,18 @@ def test_readme_documents_every_flag_and_column() -> None:
     for column in NAMES:
         assert f"| `{column}` |" in readme, column
     assert "RAY_AUTH_MODE=disabled" in readme and "jobs.annotate" in readme and "*/30 * * * *" in readme
+
+
+def test_reusing_a_run_id_in_the_same_output_is_refused(tmp_path: Path, clip_bytes: dict, capsys) -> None:
+    from pipeline.schema import to_table
+    from pipeline.sink import ParquetSink
+    from pipeline.storage import StorageOptions
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(clip_bytes["red-left.mp4"])
+    sink = ParquetSink(str(tmp_path / "out"), StorageOptions(), run_id="nightly")
+    sink.write(to_table([{"id": "x", "video_id": "x", "status": "error"}]))
+    sink.close()
+    argv = ["--input", str(tmp_path / "clips"), "--output", str(tmp_path / "out"), "--run-id", "nightly"]
+    assert annotate.main(argv) == 2  # its part files would be overwritten
+    assert "already holds files of run nightly" in _last_json(capsys)["error"]
