@@ -82,13 +82,27 @@ class SparseToDenseDecoder:
         with torch.inference_mode():
             return self.model.generate(**inputs, custom_generate=_Decode(self, generator))
 
+    def step_costs(self, *, repeats: int = 2, **inputs: object) -> StepCosts:
+        """Measure, on these inputs, the seconds of a dense step, a draft step and a verify of γ + 1
+        tokens (what ``mode="auto"`` calibrates): prefill and selection run, then timed forwards that
+        are rolled back. Generates nothing."""
+        validate_generate_inputs(self.model, self.spec, inputs, None)
+        if self.config.mode == "dense":
+            raise ValueError("step costs need the sparse cache: use mode='std' or 'auto'")
+        inputs.setdefault("max_new_tokens", 2)
+        with torch.inference_mode():
+            return self.model.generate(**inputs, custom_generate=_Decode(self, None, calibrate=repeats))
+
 
 class _Decode:
     """One ``generate`` call: the ``custom_generate`` callable and the per-call decode state."""
 
-    def __init__(self, decoder: SparseToDenseDecoder, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, decoder: SparseToDenseDecoder, generator: torch.Generator | None, calibrate: int = 0
+    ) -> None:
         self.model, self.spec, self.config = decoder.model, decoder.spec, decoder.config
         self.generator = generator
+        self.calibrate = calibrate  # > 0: measure step costs with this many repeats and stop
 
     def __call__(
         self,
@@ -100,7 +114,7 @@ class _Decode:
         synced_gpus: bool = False,
         streamer: object = None,
         **model_kwargs: object,
-    ) -> GenerateResult:
+    ) -> GenerateResult | StepCosts:
         batch, prompt_len = input_ids.shape
         self.do_sample = bool(generation_config.do_sample)
         self.gamma = 0 if self.config.mode == "dense" else self.config.gamma
@@ -121,6 +135,8 @@ class _Decode:
         self.sparse = self.select() if self.gamma else None
         self.base_positions = next_positions(self.spec, model_kwargs["position_ids"])
         self.start_rows(input_ids, logits)
+        if self.calibrate:
+            return self.measure_costs(self.calibrate)
         self.policy = self.auto_policy() if self.config.mode == "auto" else None
         while not all(self.finished):
             self.round()
