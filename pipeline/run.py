@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from pipeline.accounting import Progress, RunAccounting
 from pipeline.annotator import Annotator, AnnotatorSettings
 from pipeline.config import PipelineConfig
+from pipeline.demo_world import write_sample_dataset
 from pipeline.errors import PipelineError
 from pipeline.frames import FrameSampling, decode_frames
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
-from pipeline.samples import write_sample_dataset
 from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
 from pipeline.sources import Item, expand_items, read_records, video_rows
 from pipeline.storage import StorageOptions, check_reachable, is_object_store, join

@@ -9,7 +9,8 @@ Loaded with ``pytest_plugins = ["pipeline_fixtures"]`` from the test modules tha
   ``num_gpus=1`` actor path is scheduled while torch stays on CPU). It starts after ``s3_endpoint`` so
   its workers inherit the AWS variables.
 - ``model_dir``: a small random model of the demo architecture, saved once per session.
-- ``clip_bytes``: real H.264 MP4s encoded with PyAV, and every kind of bad input, as bytes.
+- ``clip_bytes``: real H.264 MP4s (a coloured square moving over grey) encoded with PyAV, and every
+  kind of bad input, as bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import av
+import numpy as np
 import pytest
-
-from pipeline.samples import encode_video, moving_square
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -30,6 +32,34 @@ AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 GOOD_CLIPS = ("red-left", "green-right", "blue-up")
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def encode_video(frames: np.ndarray, dest: str | Path | BinaryIO, fps: int = 8) -> None:
+    """Encode uint8 frames [T, H, W, 3] (even H and W) as H.264 MP4 into a path or a binary file object."""
+    container = av.open(dest, mode="w", format="mp4")
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    for frame in frames:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+    container.close()
+
+
+def moving_square(colour: str, direction: str, num_frames: int = 16, size: int = 64) -> np.ndarray:
+    """[T, size, size, 3] uint8: a square of ``colour`` moving in ``direction`` over grey."""
+    video = np.full((num_frames, size, size, 3), 128, dtype=np.uint8)
+    side, travel = size // 4, size // 2
+    dx, dy = DIRECTIONS[direction]
+    for t in range(num_frames):
+        step = round(travel * t / max(num_frames - 1, 1))
+        x = size // 2 - side // 2 + dx * (step - travel // 2)
+        y = size // 2 - side // 2 + dy * (step - travel // 2)
+        video[t, max(y, 0) : y + side, max(x, 0) : x + side] = COLOURS[colour]
+    return video
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +117,12 @@ def _mp4(colour: str, direction: str, num_frames: int = 16) -> bytes:
     out = io.BytesIO()
     encode_video(moving_square(colour, direction, num_frames=num_frames, size=64), out)
     return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def square_video():
+    """:func:`moving_square`, for tests that encode clips their own way."""
+    return moving_square
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs import annotate, caption, evaluate
-from pipeline.samples import write_sample_dataset
+from pipeline.demo_world import write_sample_dataset
 
 pytest_plugins = ["pipeline_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ from pipeline.frames import (
     fit_pixels,
     sample_indices,
 )
-from pipeline.samples import moving_square
 from pipeline.storage import StorageOptions
 
 pytest_plugins = ["pipeline_fixtures"]
@@ -92,12 +91,12 @@ def test_bad_inputs_raise_a_readable_decode_error(clip_dir: Path, name: str) -> 
         decoder.load(str(clip_dir / name))
 
 
-def test_a_truncated_faststart_file_is_an_error_not_a_shorter_video(tmp_path: Path) -> None:
+def test_a_truncated_faststart_file_is_an_error_not_a_shorter_video(tmp_path: Path, square_video) -> None:
     path = tmp_path / "faststart.mp4"
     container = av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"})
     stream = container.add_stream("libx264", rate=8)
     stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-    for frame in moving_square("red", "left", num_frames=48, size=64):
+    for frame in square_video("red", "left", num_frames=48, size=64):
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             container.mux(packet)
     for packet in stream.encode():
