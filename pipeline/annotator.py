@@ -106,7 +106,7 @@ class Annotator:
                 else:
                     work.append(_Work(item, np.array(batch["frames"][i]), base))  # a writable copy
         sample = self.settings.dense_sample
-        compare = self.settings.decoder == "std" and (sample < 0 or self.batches_done < sample)
+        compare = self.settings.decoder != "dense" and (sample < 0 or self.batches_done < sample)
         step = self.settings.max_items_per_call
         for start in range(0, len(work), step):
             rows += self._run_safely(work[start : start + step], compare)

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Task = Literal["caption", "qa", "mcq"]
-DecoderMode = Literal["std", "dense"]
+DecoderMode = Literal["std", "dense", "auto"]
 IfExists = Literal["fail", "resume", "overwrite"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 TASKS: tuple[str, ...] = ("caption", "qa", "mcq")
-DECODERS: tuple[str, ...] = ("std", "dense")
+DECODERS: tuple[str, ...] = ("std", "dense", "auto")
 IF_EXISTS: tuple[str, ...] = ("fail", "resume", "overwrite")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_OUTPUT = "./out"
@@ -80,7 +80,8 @@ class PipelineConfig:
         "std",
         (
             '"std" drafts with sparse visual attention and verifies densely (same output, faster on long '
-            'videos); "dense" is plain decoding through the same code path (the baseline).'
+            'videos); "dense" is plain decoding through the same code path (the baseline); "auto" measures '
+            "the step costs and picks the drafts per round, or dense where StD cannot win (same output)."
         ),
     )
     gamma: int = _flag(
