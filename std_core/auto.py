@@ -12,7 +12,11 @@ picks, the output is the dense model's (every token is verified).
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 #: Drafted positions per round that auto considers, up to ``StdConfig.gamma``.
 _PROBE_EVERY = 16  # dense rounds between two short StD rounds that re-measure acceptance
@@ -123,3 +127,24 @@ def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int
         1 << max(0, math.ceil(math.log2(max(1, dense_length)))),
         1 << max(0, math.ceil(math.log2(max(1, sparse_length)))),
     )
+
+
+def time_forward(forward: Callable[[], object], roll_back: Callable[[], None], repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` timed calls of ``forward`` after one warm-up, each followed
+    by ``roll_back`` (outside the timing). Synchronises CUDA around each call."""
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        _synchronize()
+        start = time.perf_counter()
+        forward()
+        _synchronize()
+        elapsed = time.perf_counter() - start
+        roll_back()
+        if attempt:
+            best = min(best, elapsed)
+    return best
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

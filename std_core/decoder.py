@@ -19,7 +19,6 @@ row's rejection never discards another row's accepted tokens.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from std_core.acceptance import (
     sampling_agreement,
 )
 from std_core.attention import attention_phase, install
-from std_core.auto import AutoPolicy, StepCosts, shape_bucket
+from std_core.auto import AutoPolicy, StepCosts, shape_bucket, time_forward
 from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
@@ -334,29 +333,17 @@ class _Decode:
         return AutoPolicy(per_model[key], self.gamma, _ACCEPTANCE.get(self.model, 0.6))
 
     def measure_costs(self, repeats: int = 2) -> StepCosts:
-        """Time a dense step, a verify of γ + 1 tokens and a draft step on this call's own caches
-        (each forward is rolled back at once); the fastest of ``repeats`` after a warm-up."""
-        batch = len(self.generated)
-        none = torch.zeros(batch, dtype=torch.long, device=self.pending.device)
+        """Step costs of this call's own caches (each timed forward is rolled back at once)."""
 
-        def timed(cache: SlotCache, tokens: torch.Tensor) -> float:
-            best = float("inf")
-            for attempt in range(repeats + 1):
-                _synchronize(tokens.device)
-                start = time.perf_counter()
-                self.forward(cache, tokens)
-                _synchronize(tokens.device)
-                cache.commit(none, [0] * batch)
-                if attempt:
-                    best = min(best, time.perf_counter() - start)
-            return best
+        def timed(cache: SlotCache, q: int) -> float:
+            tokens = self.pending[:, None].expand(-1, q).contiguous()
+            none = torch.zeros_like(self.pending)
+            return time_forward(
+                lambda: self.forward(cache, tokens), lambda: cache.commit(none, [0] * len(none)), repeats
+            )
 
-        one = self.pending[:, None]
-        q = self.gamma + 1
-        dense = timed(self.dense, one)
-        verify = timed(self.dense, one.expand(-1, q).contiguous())
-        draft = timed(self.sparse, one)
-        return StepCosts.from_measurements(dense, draft, dense, verify, q)
+        dense, q = timed(self.dense, 1), self.gamma + 1
+        return StepCosts.from_measurements(dense, timed(self.sparse, 1), dense, timed(self.dense, q), q)
 
     # ------------------------------------------------------------------------------------- helpers
     def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -402,8 +389,3 @@ class _Decode:
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
         )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
