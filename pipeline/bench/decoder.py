@@ -1,0 +1,111 @@
+"""The decoder benchmark: every variant on the same inputs, interleaved, after a warm-up; medians.
+
+:func:`run_case` is the whole method for one configuration (model × inputs × γ × budget):
+
+1. build the inputs once (synthetic for presets, demo-world clips for checkpoints);
+2. warm up: one short call of every variant (for ``auto`` this is also its one-time step-cost
+   calibration for this shape, which later calls reuse);
+3. ``repeats`` rounds; each calls every variant once, in an order rotated by one per round, so slow
+   drifts of a shared machine spread over all variants;
+4. report medians per variant (:class:`pipeline.bench.records.DecoderRecord`), whether every call of
+   every variant produced the same tokens (``outputs_equal``), the measured step costs, and the
+   *projected* speedup at the stated acceptance profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.bench.inputs import SyntheticSpec, WorldSpec, synthetic_inputs, world_inputs
+from pipeline.bench.measure import STD_VARIANTS, VARIANTS, Sample, run_variant
+from pipeline.bench.records import DecoderRecord, build_record
+from std_core import SparseToDenseDecoder, StdConfig
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DecoderCase:
+    """One benchmark configuration. ``visual_tokens`` sizes synthetic inputs (presets); ``frames`` sizes
+    demo-world clips (checkpoints); exactly one of them is > 0."""
+
+    batch: int
+    visual_tokens: int = 0
+    frames: int = 0
+    gamma: int = 9
+    sparse_budget: int = 1024
+    max_new_tokens: int = 64
+    repeats: int = 3
+    warmup_tokens: int = 8
+    text_tokens: int = 32
+    padding: int = 8
+    seed: int = 0
+    variants: tuple[str, ...] = VARIANTS
+    acceptance_profile: float = 0.62  # projected speedups assume this accepted / drafted at γ = 9
+
+    def __post_init__(self) -> None:
+        if (self.visual_tokens > 0) == (self.frames > 0):
+            raise ValueError("give exactly one of visual_tokens (synthetic inputs) or frames (world clips)")
+        if self.repeats < 1 or self.max_new_tokens < 2 or self.batch < 1:
+            raise ValueError("repeats and batch must be >= 1, max_new_tokens >= 2")
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown or "dense" not in self.variants:
+            raise ValueError(f"variants must include 'dense' and come from {VARIANTS}; got {self.variants}")
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A loaded model to benchmark: ``label`` names it in records (preset name or checkpoint path);
+    ``processor`` is needed for demo-world inputs only."""
+
+    model: torch.nn.Module
+    label: str
+    processor: object | None = None
+
+
+def run_case(bench: BenchModel, case: DecoderCase, log: Log | None = None) -> DecoderRecord:
+    """Benchmark ``case`` on ``bench`` (see the module docstring)."""
+    inputs = make_inputs(bench, case)
+    decoders = make_decoders(bench.model, case)
+    samples = collect_samples(bench.model, decoders, inputs, case, log)
+    return build_record(bench, case, inputs, samples)
+
+
+def make_inputs(bench: BenchModel, case: DecoderCase) -> dict:
+    if case.visual_tokens:
+        spec = SyntheticSpec(case.visual_tokens, case.batch, case.text_tokens, case.padding, case.seed)
+        return synthetic_inputs(bench.model, spec)
+    if bench.processor is None:
+        raise ValueError("demo-world inputs need the checkpoint's processor")
+    return world_inputs(bench.model, bench.processor, WorldSpec(case.frames, case.batch, case.seed))
+
+
+def make_decoders(model: torch.nn.Module, case: DecoderCase) -> dict[str, SparseToDenseDecoder]:
+    """One decoder per std_core variant, sharing the model (and ``auto``'s per-model cost cache)."""
+    return {
+        mode: SparseToDenseDecoder(
+            model, StdConfig(mode=mode, gamma=case.gamma, sparse_budget=case.sparse_budget)
+        )
+        for mode in STD_VARIANTS
+        if mode in case.variants
+    }
+
+
+def collect_samples(
+    model: torch.nn.Module, decoders: dict, inputs: dict, case: DecoderCase, log: Log | None = None
+) -> dict[str, list[Sample]]:
+    """Warm-up calls, then ``repeats`` interleaved rounds of every variant: samples per variant."""
+    variants = list(case.variants)
+    for variant in variants:
+        run_variant(variant, model, decoders, inputs, min(case.warmup_tokens, case.max_new_tokens))
+    samples: dict[str, list[Sample]] = {v: [] for v in variants}
+    for r in range(case.repeats):
+        for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            sample = run_variant(variant, model, decoders, inputs, case.max_new_tokens)
+            samples[variant].append(sample)
+            if log is not None:
+                log(f"  repeat {r + 1}/{case.repeats} {variant:7s} {sample.wall_seconds:8.3f} s")
+    return samples

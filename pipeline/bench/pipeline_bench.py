@@ -1,0 +1,215 @@
+"""Pipeline throughput: the decode stage alone, the annotate stage alone, and the whole run on local Ray.
+
+Built on the pipeline's own pieces, measured from outside (nothing in them changes):
+
+1. **Videos**: ``pipeline.demo_world.write_sample_dataset`` (the demo world's clips, H.264 files) and the
+   run's plan (``pipeline.run.plan_run``), exactly as ``jobs.caption`` would see them.
+2. **Decode stage alone**: :class:`pipeline.frames.FrameDecoder` called in this process, one batch at a
+   time, on one core: videos/s per CPU core.
+3. **Annotate stage alone**: :class:`pipeline.annotator.Annotator` built here (model load and warm-up
+   timed apart) and called on the decoded batches: videos/s and tokens/s of one model actor.
+4. **End to end**: ``pipeline.run.run_pipeline`` on a local Ray cluster, with the annotator subclassed
+   to log, per actor, when it became ready and when each batch started and ended. Idle fraction =
+   time between ready and the actor's last batch end not spent in a batch, over that window, summed
+   over actors: the time the model actors sat waiting for frames.
+
+The dense re-run of sampled batches (``dense_sample``) is off in every stage, so each video is decoded
+once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.annotator import Annotator
+from pipeline.config import PipelineConfig
+from pipeline.demo_world import write_sample_dataset
+from pipeline.frames import FrameDecoder, FrameSampling
+from pipeline.models import pixel_limit
+from pipeline.run import annotator_settings, plan_run, run_pipeline
+from pipeline.sources import video_rows
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineBenchConfig:
+    """One field per ``jobs.benchmark pipeline`` flag."""
+
+    model: str | None = None  # None: the project's demo model
+    videos: int = 16
+    num_frames: int = 32
+    batch_size: int = 4
+    num_actors: int = 1
+    ray_cpus: int | None = None  # None: every core of this machine
+    decoder: str = "std"
+    max_new_tokens: int = 32
+    threads: int = 1
+    out: str = "bench-out/pipeline"
+
+    def __post_init__(self) -> None:
+        for name in ("videos", "num_frames", "batch_size", "num_actors", "max_new_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def pipeline_config(self, manifest: Path, output: Path) -> PipelineConfig:
+        return PipelineConfig(
+            input=str(manifest),
+            output=str(output),
+            model=self.model,
+            decoder=self.decoder,
+            dense_sample=0,
+            num_frames=self.num_frames,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            num_actors=self.num_actors,
+            num_gpus=0.0,
+        )
+
+
+def run_pipeline_benchmark(config: PipelineBenchConfig, log: Log | None = None) -> dict:
+    """All three measurements (see the module docstring); returns one flat summary."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    torch.set_num_threads(config.threads)
+    out = Path(config.out).resolve() / time.strftime("%Y%m%dT%H%M%S")
+    manifest = write_sample_dataset(out / "videos", num_clips=config.videos, seed=0)
+    pipeline_config = config.pipeline_config(manifest, out / "stages")
+    plan = plan_run(pipeline_config, log)
+    batches = _batches(video_rows(plan.pending), config.batch_size)
+    decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
+    log(f"[pipeline] decode stage: {decode['decode_videos_per_s_per_core']:.2f} videos/s per core")
+    annotate = annotate_stage(pipeline_config, plan, decoded)
+    log(f"[pipeline] annotate stage: {annotate['annotate_videos_per_s']:.3f} videos/s")
+    e2e = end_to_end(config, replace(pipeline_config, output=str(out / "e2e")), out / "timing", log)
+    return {"benchmark": "pipeline", "status": "ok", "videos": config.videos, **decode, **annotate, **e2e}
+
+
+def _batches(rows: list[dict], size: int) -> list[dict]:
+    """Rows as ``map_batches``-style column batches of ``size`` videos."""
+    import numpy as np
+
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [{key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]} for chunk in chunks]
+
+
+def decode_stage(config: PipelineConfig, storage: object, batches: list[dict]) -> tuple[dict, list[dict]]:
+    """Decode every batch in this process (one core): throughput and the decoded batches."""
+    sampling = FrameSampling(
+        config.num_frames, config.fps, config.max_pixels or pixel_limit(config.model, storage)
+    )
+    decoder = FrameDecoder(sampling, storage)
+    cpu0, start = time.process_time(), time.perf_counter()
+    decoded = [decoder(batch) for batch in batches]
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    videos = sum(len(b["video_uri"]) for b in batches)
+    return {
+        "decode_videos": videos,
+        "decode_seconds": wall,
+        "decode_cpu_seconds": cpu,
+        "decode_videos_per_s_per_core": videos / cpu if cpu else None,
+        "decode_videos_per_s_wall": videos / wall,
+        "decode_errors": int(sum((b["frame_error"] != "").sum() for b in decoded)),
+    }, decoded
+
+
+def annotate_stage(config: PipelineConfig, plan: object, decoded: list[dict]) -> dict:
+    """One annotator in this process on the decoded batches: load time, then throughput."""
+    start = time.perf_counter()
+    annotator = Annotator(annotator_settings(config, plan, 0.0))
+    ready = time.perf_counter()
+    tables = [annotator(batch) for batch in decoded]
+    wall = time.perf_counter() - ready
+    videos = sum(len(b["video_uri"]) for b in decoded)
+    tokens = sum(sum(v or 0 for v in t.column("generated_tokens").to_pylist()) for t in tables)
+    ok = sum(t.column("status").to_pylist().count("ok") for t in tables)
+    return {
+        "annotate_load_seconds": ready - start,
+        "annotate_seconds": wall,
+        "annotate_videos_per_s": videos / wall,
+        "annotate_tokens_per_s": tokens / wall,
+        "annotate_rows_ok": ok,
+        "annotate_threads": torch.get_num_threads(),
+    }
+
+
+def end_to_end(
+    config: PipelineBenchConfig, pipeline_config: PipelineConfig, timing_dir: Path, log: Log
+) -> dict:
+    """``run_pipeline`` on local Ray with a timed annotator; throughput and the actors' idle fraction."""
+    import ray
+
+    timing_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=config.ray_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
+    summary = run_pipeline(pipeline_config, annotator_cls=timed_annotator(str(timing_dir)), log=log)
+    idle = idle_fraction(read_timings(timing_dir))
+    return {
+        "e2e_wall_seconds": summary["wall_seconds"],
+        "e2e_videos_per_s": summary["videos_per_s"],
+        "e2e_generated_tokens_per_s": summary["generated_tokens_per_s"],
+        "e2e_rows_ok": summary["rows_ok"],
+        "e2e_status": summary["status"],
+        "ray_cpus": int(ray.cluster_resources().get("CPU", 0)),
+        "num_actors": pipeline_config.num_actors,
+        **idle,
+    }
+
+
+def timed_annotator(timing_dir: str) -> type:
+    """An :class:`Annotator` that appends ``{"actor", "event", "t", ...}`` lines to ``timing_dir``."""
+
+    class TimedAnnotator(Annotator):
+        def __init__(self, settings: object) -> None:
+            super().__init__(settings)
+            self._timing = Path(timing_dir) / f"actor-{os.getpid()}-{id(self)}.jsonl"
+            self._record({"event": "ready", "t": time.time()})
+
+        def __call__(self, batch: dict):
+            start = time.time()
+            table = super().__call__(batch)
+            self._record(
+                {"event": "batch", "start": start, "end": time.time(), "videos": len(batch["video_id"])}
+            )
+            return table
+
+        def _record(self, entry: dict) -> None:
+            with open(self._timing, "a") as handle:
+                handle.write(json.dumps({"actor": self._timing.stem, **entry}) + "\n")
+
+    return TimedAnnotator
+
+
+def read_timings(timing_dir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for path in sorted(timing_dir.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def idle_fraction(entries: list[dict]) -> dict:
+    """Per actor, idle = (last batch end − ready) − busy; summed over actors (see the module docstring)."""
+    window = busy = 0.0
+    actors = sorted({e["actor"] for e in entries})
+    for actor in actors:
+        mine = [e for e in entries if e["actor"] == actor]
+        ready = min((e["t"] for e in mine if e["event"] == "ready"), default=None)
+        spans = [(e["start"], e["end"]) for e in mine if e["event"] == "batch"]
+        if ready is None or not spans:
+            continue
+        window += max(end for _, end in spans) - ready
+        busy += sum(end - start for start, end in spans)
+    return {
+        "annotate_actors_seen": len(actors),
+        "annotate_busy_seconds": busy,
+        "annotate_idle_seconds": max(0.0, window - busy),
+        "annotate_idle_fraction": max(0.0, window - busy) / window if window else None,
+    }

@@ -1,0 +1,306 @@
+"""DecoderRecord: one benchmark configuration's medians, ratios and projections, as a flat record.
+
+Definitions (every time is the median over repeats; see :mod:`pipeline.bench.measure`):
+
+- ``*_ms_per_token``: decode time / steps (steps = output positions after the first token), for
+  the whole batch; ``*_e2e_ms``: the whole ``generate`` call.
+- ``decode_speedup`` = dense / std decode time; ``e2e_speedup`` = dense / std wall time. ``auto_*``
+  likewise for ``mode="auto"``; ``speedup_vs_hf[_gqa]`` = plain ``generate``'s decode / std decode.
+  ``auto_vs_best`` = auto decode / min(dense, std) decode (the target: ≤ 1.03).
+- ``acceptance_rate`` (accepted / drafted) and ``mean_accepted_per_round`` (tokens per round, bonus
+  included) of the std run; with random weights they describe degenerate outputs, not a real model.
+- ``draft_share`` / ``verify_share`` / ``other_share``: the std decode time split. The bonus token is
+  the verify's own argmax, so it is inside ``verify``; ``other`` is acceptance, roll-back, stop checks.
+- ``dense_step_ms``: one dense forward (dense mode's verify phase / rounds); ``draft_step_ms``: std
+  draft time / drafted positions; ``verify_step_ms``: std verify time / rounds (γ + 1 tokens);
+  ``*_step_ratio``: relative to ``dense_step_ms``. ``round_overhead_ms``: std ``other`` per round.
+- ``projected_*``: :func:`pipeline.bench.projection.project` with the measured costs (each round also
+  charged its measured overhead) at the per-draft α that gives ``acceptance_profile`` at γ = 9.
+  ``measured_alpha``: the same inversion of the measured acceptance rate at the run's γ.
+- memory: ``*_peak_mb`` (``memory_kind``: process peak RSS on CPU, ``max_memory_allocated`` on CUDA);
+  ``dense_cache_mb`` / ``sparse_cache_mb``: the decoder's KV caches.
+- bandwidth: ``bytes_per_dense_step`` = weights read per step + the KV cache at the mid-decode
+  length; ``achieved_gbps`` = that / ``dense_step_ms``; ``bandwidth_fraction`` against the device's
+  peak where it is known (GPUs).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.bench.measure import Sample, memory_kind
+from pipeline.bench.projection import (
+    PAPER_GAMMA,
+    alpha_for_acceptance,
+    kv_bytes_per_token,
+    peak_bandwidth,
+    project,
+    step_costs,
+    weight_bytes_per_step,
+)
+
+if TYPE_CHECKING:
+    from pipeline.bench.decoder import BenchModel, DecoderCase
+
+_MB = 1e6
+
+
+@dataclass(frozen=True)
+class DecoderRecord:
+    model: str
+    arch: str
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    inputs: str
+    visual_tokens: int
+    prompt_tokens: int
+    batch: int
+    gamma: int
+    sparse_budget: int
+    kept_prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    outputs_equal: bool
+    mismatched_variants: str
+    prefill_ms: float
+    select_ms: float
+    dense_ms_per_token: float
+    std_ms_per_token: float | None
+    auto_ms_per_token: float | None
+    hf_ms_per_token: float | None
+    hf_gqa_ms_per_token: float | None
+    dense_e2e_ms: float
+    std_e2e_ms: float | None
+    auto_e2e_ms: float | None
+    hf_e2e_ms: float | None
+    hf_gqa_e2e_ms: float | None
+    decode_speedup: float | None
+    e2e_speedup: float | None
+    auto_decode_speedup: float | None
+    auto_e2e_speedup: float | None
+    auto_vs_best: float | None
+    speedup_vs_hf: float | None
+    speedup_vs_hf_gqa: float | None
+    acceptance_rate: float | None
+    mean_accepted_per_round: float | None
+    measured_alpha: float | None
+    auto_acceptance_rate: float | None
+    auto_mean_gamma: float | None
+    auto_dense_round_fraction: float | None
+    draft_share: float | None
+    verify_share: float | None
+    other_share: float | None
+    dense_step_ms: float
+    draft_step_ms: float | None
+    verify_step_ms: float | None
+    round_overhead_ms: float | None
+    draft_step_ratio: float | None
+    verify_step_ratio: float | None
+    acceptance_profile: float
+    projected_alpha: float
+    projected_tokens_per_round: float | None
+    projected_decode_speedup: float | None
+    projected_e2e_speedup: float | None
+    projected_best_gamma: int | None
+    projected_best_decode_speedup: float | None
+    break_even_alpha: float | None
+    memory_kind: str
+    base_memory_mb: float
+    dense_peak_mb: float
+    std_peak_mb: float | None
+    auto_peak_mb: float | None
+    hf_peak_mb: float | None
+    hf_gqa_peak_mb: float | None
+    dense_cache_mb: float
+    sparse_cache_mb: float | None
+    bytes_per_dense_step: int
+    achieved_gbps: float
+    peak_gbps: float | None
+    bandwidth_fraction: float | None
+
+
+def build_record(
+    bench: BenchModel, case: DecoderCase, inputs: dict, samples: dict[str, list[Sample]]
+) -> DecoderRecord:
+    """Medians, ratios and projections of one case's samples (see the module docstring)."""
+    model, dense, std = bench.model, samples["dense"], samples.get("std")
+    fields = {
+        **_describe(bench, case, inputs, samples),
+        **_variant_times(samples),
+        **_speedups(samples),
+        **_acceptance(case, std, samples.get("auto")),
+        **_steps_and_projection(case, dense, std),
+        **_memory(model.device, samples),
+        **_bandwidth(model, inputs, dense),
+    }
+    return DecoderRecord(**fields)
+
+
+def _median(samples: list[Sample] | None, value) -> float | None:
+    return statistics.median(value(s) for s in samples) if samples else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def _describe(bench: BenchModel, case: DecoderCase, inputs: dict, samples: dict[str, list[Sample]]) -> dict:
+    model, ids = bench.model, inputs["input_ids"]
+    reference = samples["dense"][0].sequences
+    mismatched = {v for v, ss in samples.items() for s in ss if not torch.equal(s.sequences, reference)}
+    std = samples.get("std")
+    return {
+        "model": bench.label,
+        "arch": model.config.model_type,
+        "device": model.device.type,
+        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "inputs": "synthetic" if case.visual_tokens else f"demo_world@{case.frames}f",
+        "visual_tokens": round(float((ids == model.config.video_token_id).sum()) / ids.shape[0]),
+        "prompt_tokens": ids.shape[1],
+        "batch": ids.shape[0],
+        "gamma": case.gamma,
+        "sparse_budget": case.sparse_budget,
+        "kept_prompt_tokens": std[0].kept_prompt_tokens if std else 0,
+        "new_tokens": samples["dense"][0].steps + 1,
+        "repeats": case.repeats,
+        "outputs_equal": not mismatched,
+        "mismatched_variants": ",".join(sorted(mismatched)),
+    }
+
+
+def _variant_times(samples: dict[str, list[Sample]]) -> dict:
+    out = {
+        "prefill_ms": 1000 * _median(samples["dense"], lambda s: s.prefill_seconds),
+        "select_ms": 1000 * (_median(samples.get("std"), lambda s: s.select_seconds) or 0.0),
+    }
+    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+        ss = samples.get(variant)
+        per_token = _median(ss, lambda s: s.decode_seconds / max(1, s.steps))
+        wall = _median(ss, lambda s: s.wall_seconds)
+        out[f"{variant}_ms_per_token"] = None if per_token is None else 1000 * per_token
+        out[f"{variant}_e2e_ms"] = None if wall is None else 1000 * wall
+    return out
+
+
+def _speedups(samples: dict[str, list[Sample]]) -> dict:
+    def decode(variant: str) -> float | None:
+        return _median(samples.get(variant), lambda s: s.decode_seconds)
+
+    def wall(variant: str) -> float | None:
+        return _median(samples.get(variant), lambda s: s.wall_seconds)
+
+    best = min(t for t in (decode("dense"), decode("std")) if t is not None)
+    return {
+        "decode_speedup": _ratio(decode("dense"), decode("std")),
+        "e2e_speedup": _ratio(wall("dense"), wall("std")),
+        "auto_decode_speedup": _ratio(decode("dense"), decode("auto")),
+        "auto_e2e_speedup": _ratio(wall("dense"), wall("auto")),
+        "auto_vs_best": _ratio(decode("auto"), best),
+        "speedup_vs_hf": _ratio(decode("hf"), decode("std")),
+        "speedup_vs_hf_gqa": _ratio(decode("hf_gqa"), decode("std")),
+    }
+
+
+def _acceptance(case: DecoderCase, std: list[Sample] | None, auto: list[Sample] | None) -> dict:
+    out: dict = dict.fromkeys(
+        ("acceptance_rate", "mean_accepted_per_round", "measured_alpha", "auto_acceptance_rate",
+         "auto_mean_gamma", "auto_dense_round_fraction")
+    )  # fmt: skip
+    if std:
+        s = std[0]  # greedy decoding is deterministic: every repeat accepts the same drafts
+        out["acceptance_rate"] = s.accepted / s.drafted if s.drafted else None
+        out["mean_accepted_per_round"] = s.committed_in_rounds / s.rounds / s.batch if s.rounds else None
+        if s.drafted:
+            out["measured_alpha"] = alpha_for_acceptance(s.accepted / s.drafted, case.gamma)
+    if auto:
+        gammas = [g for s in auto for g in s.round_gammas]
+        drafted, accepted = sum(s.drafted for s in auto), sum(s.accepted for s in auto)
+        out["auto_acceptance_rate"] = accepted / drafted if drafted else None
+        out["auto_mean_gamma"] = statistics.fmean(gammas) if gammas else None
+        out["auto_dense_round_fraction"] = sum(g == 0 for g in gammas) / len(gammas) if gammas else None
+    return out
+
+
+def _steps_and_projection(case: DecoderCase, dense: list[Sample], std: list[Sample] | None) -> dict:
+    dense_step = _median(dense, lambda s: s.verify_seconds / max(1, s.rounds))
+    dense_token = _median(dense, lambda s: s.decode_seconds / max(1, s.steps))
+    alpha = alpha_for_acceptance(case.acceptance_profile, PAPER_GAMMA)
+    out: dict = {"dense_step_ms": 1000 * dense_step, "acceptance_profile": case.acceptance_profile}
+    out["projected_alpha"] = alpha
+    if not std:
+        return {**out, **dict.fromkeys(_STD_STEP_FIELDS)}
+    draft = _median(std, lambda s: s.draft_seconds / max(1, sum(s.round_gammas)))
+    verify = _median(std, lambda s: s.verify_seconds / max(1, s.rounds))
+    overhead = _median(std, lambda s: s.other_seconds / max(1, s.rounds))
+    decode = _median(std, lambda s: s.decode_seconds)
+    split = {k: _median(std, lambda s, k=k: getattr(s, f"{k}_seconds") / max(s.decode_seconds, 1e-12))
+             for k in ("draft", "verify", "other")}  # fmt: skip
+    # projection: dense tokens cost what dense decoding measured per token (bookkeeping included),
+    # a round costs its measured draft and verify forwards plus its measured bookkeeping
+    costs = step_costs(dense_token, draft, verify + overhead, case.gamma)
+    fixed = _median(dense, lambda s: s.prefill_seconds) + _median(std, lambda s: s.select_seconds)
+    projection = project(costs, alpha, case.gamma, fixed, dense_token * dense[0].steps)
+    return (
+        {
+            **out,
+            "draft_share": split["draft"],
+            "verify_share": split["verify"],
+            "other_share": split["other"],
+            "draft_step_ms": 1000 * draft,
+            "verify_step_ms": 1000 * verify,
+            "round_overhead_ms": 1000 * overhead,
+            "draft_step_ratio": draft / dense_step,
+            "verify_step_ratio": verify / dense_step,
+            "projected_tokens_per_round": projection.tokens_per_round,
+            "projected_decode_speedup": projection.decode_speedup,
+            "projected_e2e_speedup": projection.e2e_speedup,
+            "projected_best_gamma": projection.best_gamma,
+            "projected_best_decode_speedup": projection.best_decode_speedup,
+            "break_even_alpha": projection.break_even_alpha,
+        }
+        if decode is not None
+        else out
+    )
+
+
+_STD_STEP_FIELDS = (
+    "draft_share", "verify_share", "other_share", "draft_step_ms", "verify_step_ms", "round_overhead_ms",
+    "draft_step_ratio", "verify_step_ratio", "projected_tokens_per_round", "projected_decode_speedup",
+    "projected_e2e_speedup", "projected_best_gamma", "projected_best_decode_speedup", "break_even_alpha",
+)  # fmt: skip
+
+
+def _memory(device: torch.device, samples: dict[str, list[Sample]]) -> dict:
+    out: dict = {
+        "memory_kind": memory_kind(device),
+        "base_memory_mb": min(s.base_memory_bytes for ss in samples.values() for s in ss) / _MB,
+        "dense_cache_mb": samples["dense"][0].dense_cache_bytes / _MB,
+        "sparse_cache_mb": samples["std"][0].sparse_cache_bytes / _MB if samples.get("std") else None,
+    }
+    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+        peak = _median(samples.get(variant), lambda s: s.peak_memory_bytes)
+        out[f"{variant}_peak_mb"] = None if peak is None else peak / _MB
+    return out
+
+
+def _bandwidth(model: torch.nn.Module, inputs: dict, dense: list[Sample]) -> dict:
+    batch, prompt = inputs["input_ids"].shape
+    context = prompt + dense[0].steps // 2
+    step_bytes = weight_bytes_per_step(model) + kv_bytes_per_token(model) * batch * context
+    dense_step = _median(dense, lambda s: s.verify_seconds / max(1, s.rounds))
+    achieved = step_bytes / dense_step
+    peak = peak_bandwidth(model.device)
+    return {
+        "bytes_per_dense_step": step_bytes,
+        "achieved_gbps": achieved / 1e9,
+        "peak_gbps": None if peak is None else peak / 1e9,
+        "bandwidth_fraction": None if peak is None else achieved / peak,
+    }

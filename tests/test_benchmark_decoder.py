@@ -1,0 +1,112 @@
+"""The decoder benchmark on a tiny configuration: its records, its invariants, and the job's JSON line.
+
+No timing is asserted (timings on a shared CPU are noise at this size): the tests check that every
+variant ran on the same inputs and produced the same tokens (fp32 on CPU, where StD is exact), that the
+fields a reader relies on are present, positive and consistent, and that the sweep files are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from jobs import benchmark
+from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
+from pipeline.bench.presets import PRESETS, build_model
+from pipeline.bench.projection import alpha_for_acceptance
+from pipeline.bench.records import DecoderRecord
+from pipeline.bench.report import cross_project, markdown_table, read_csv
+
+TINY = ["--visual-tokens", "192", "--batch", "1", "2", "--max-new-tokens", "8", "--repeats", "1",
+        "--budget", "48", "--gamma", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    torch.manual_seed(0)
+    model = build_model(PRESETS["kv-bound"], init_std=0.5)  # varied tokens: some drafts rejected
+    case = DecoderCase(
+        batch=2, visual_tokens=192, gamma=3, sparse_budget=48, max_new_tokens=10, repeats=2, padding=3
+    )
+    return dataclasses.asdict(run_case(BenchModel(model, "kv-bound"), case))
+
+
+def test_every_variant_produced_the_dense_tokens(record: dict) -> None:
+    assert record["outputs_equal"] is True and record["mismatched_variants"] == ""
+    assert record["new_tokens"] == 10 and record["batch"] == 2 and record["visual_tokens"] == 192
+
+
+def test_times_and_ratios_are_positive(record: dict) -> None:
+    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+        assert record[f"{variant}_ms_per_token"] > 0
+        assert record[f"{variant}_e2e_ms"] > record[f"{variant}_ms_per_token"]
+        assert record[f"{variant}_peak_mb"] > 0
+    for key in ("decode_speedup", "e2e_speedup", "auto_decode_speedup", "speedup_vs_hf", "speedup_vs_hf_gqa",
+                "draft_step_ratio", "verify_step_ratio", "projected_decode_speedup", "projected_e2e_speedup",
+                "achieved_gbps", "prefill_ms", "dense_cache_mb", "sparse_cache_mb"):  # fmt: skip
+        assert record[key] > 0, key
+    assert record["sparse_cache_mb"] < record["dense_cache_mb"]
+    assert math.isclose(
+        record["draft_share"] + record["verify_share"] + record["other_share"], 1.0, rel_tol=0.05
+    )
+
+
+def test_acceptance_and_projection_fields(record: dict) -> None:
+    assert 0 <= record["acceptance_rate"] <= 1
+    assert 1 <= record["mean_accepted_per_round"] <= record["gamma"] + 1
+    assert record["kept_prompt_tokens"] == 48
+    assert record["projected_alpha"] == pytest.approx(alpha_for_acceptance(0.62, 9))
+    assert 0 <= record["projected_best_gamma"] <= record["gamma"]
+    assert record["memory_kind"] == "process_peak_rss" and record["peak_gbps"] is None
+    assert set(record) == {f.name for f in dataclasses.fields(DecoderRecord)}
+    json.dumps(record)
+
+
+def test_cross_projection_recomputes_the_records_own_projection(record: dict) -> None:
+    again = cross_project(record, record["projected_alpha"])
+    assert again.decode_speedup == pytest.approx(record["projected_decode_speedup"])
+    assert again.e2e_speedup == pytest.approx(record["projected_e2e_speedup"])
+
+
+def test_markdown_table_has_one_row_per_record(record: dict) -> None:
+    table = markdown_table([record, {**record, "std_ms_per_token": None}])
+    assert len(table.strip().splitlines()) == 4 and "–" in table
+
+
+def test_decoder_case_rejects_ambiguous_sizes() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        DecoderCase(batch=1, visual_tokens=64, frames=32)
+    with pytest.raises(ValueError, match="dense"):
+        DecoderCase(batch=1, visual_tokens=64, variants=("std",))
+
+
+def test_job_prints_one_json_line_and_writes_the_sweep(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    code = benchmark.main(
+        ["decoder", *TINY, "--sweep", "--out", str(tmp_path), "--variants", "std", "dense", "auto"]
+    )
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["status"] == "ok" and out["outputs_equal"] is True
+    assert [(r["visual_tokens"], r["batch"]) for r in out["records"]] == [(192, 1), (192, 2)]
+    assert out["records"][0]["hf_ms_per_token"] is None
+    rows = read_csv(out["files"]["csv"])
+    assert len(rows) == 2 and rows[1]["batch"] == "2"
+    assert (tmp_path / "decoder-kv-bound-cpu.png").stat().st_size > 1000
+    assert "| visual tokens |" in (tmp_path / "decoder-kv-bound-cpu.md").read_text()
+
+
+def test_job_costs_from_projects_another_runs_costs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    benchmark.main(["decoder", *TINY, "--sweep", "--out", str(tmp_path), "--variants", "std", "dense"])
+    csv_path = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]["csv"]
+    benchmark.main(["decoder", *TINY, "--variants", "std", "dense", "--costs-from", csv_path])
+    cross = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cross_projection"]
+    assert 0 <= cross["alpha"] <= 1 and len(cross["rows"]) == 2
+    assert all(row["projected_decode_speedup"] > 0 for row in cross["rows"])
+
+
+def test_job_reports_a_bad_flag_as_an_error_line(capsys: pytest.CaptureFixture) -> None:
+    assert benchmark.main(["decoder", "--acceptance", "1.5"]) == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "error"
