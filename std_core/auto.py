@@ -3,18 +3,21 @@
 The I/O model of a round with γ drafts: it costs ``γ · draft + verify(γ + 1)`` and commits, when each
 draft is accepted independently with probability α, ``E[tokens] = (1 − α^(γ+1)) / (1 − α)`` tokens.
 Dense decoding costs ``dense`` per token. Auto picks the γ with the most tokens per second, γ = 0
-when no γ beats dense. Step costs come from a short calibration on the call's own caches (a few
-forwards that are rolled back), cached per model, device, dtype and shape bucket; α is the running
-estimate of the current batch, starting from what earlier batches of the same model saw. Whatever it
-picks, the output is the dense model's (every token is verified).
+when no γ beats dense. Round costs start from a short calibration on the call's own caches (a few
+forwards that are rolled back) and are then replaced by what rounds of each γ actually took (timed
+between the round's host syncs, so timing adds none); both are kept per model, device, dtype and shape
+bucket. α is the running estimate of the current batch, starting from what earlier batches of the
+same model saw. Whatever it picks, the output is the dense model's (every token is verified).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -23,6 +26,7 @@ _PROBE_EVERY = 16  # dense rounds between two short StD rounds that re-measure a
 _PROBE_GAMMA = 2
 _PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
 _DEFAULT_ALPHA = 0.6
+_EMA = 0.5  # weight of the newest measured round in a γ's average
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,33 @@ class StepCosts:
         return cls(dense, draft, max(0.0, verify_1 - per_token), per_token)
 
 
+class RoundCostModel(Protocol):
+    def round_seconds(self, gamma: int) -> float: ...
+
+
+@dataclass
+class RoundCosts:
+    """Seconds of a round per γ: the calibration's model, replaced by an average of measured rounds
+    where rounds of that γ ran (unmeasured γ are scaled by how far measurements strayed from the model)."""
+
+    calibrated: StepCosts
+    observed: dict[int, float] = field(default_factory=dict)
+
+    def round_seconds(self, gamma: int) -> float:
+        if gamma in self.observed:
+            return self.observed[gamma]
+        model = self.calibrated.round_seconds(gamma)
+        if not self.observed:
+            return model
+        return model * statistics.median(
+            t / self.calibrated.round_seconds(g) for g, t in self.observed.items()
+        )
+
+    def observe(self, gamma: int, seconds: float) -> None:
+        old = self.observed.get(gamma)
+        self.observed[gamma] = seconds if old is None else (1 - _EMA) * old + _EMA * seconds
+
+
 def expected_tokens(alpha: float, gamma: int) -> float:
     """Tokens committed by a round of γ drafts (bonus included) at per-draft acceptance α."""
     if gamma == 0:
@@ -62,7 +93,7 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def best_gamma(costs: StepCosts, alpha: float, gamma_max: int) -> int:
+def best_gamma(costs: RoundCostModel, alpha: float, gamma_max: int) -> int:
     """The γ in ``0..gamma_max`` with the most tokens per second (0: dense is best)."""
     rates = [expected_tokens(alpha, g) / costs.round_seconds(g) for g in range(gamma_max + 1)]
     return max(range(gamma_max + 1), key=lambda g: (rates[g], -g))
@@ -98,13 +129,13 @@ class AcceptanceEstimate:
 
 
 class AutoPolicy:
-    """Chooses each round's γ for one ``generate`` call."""
+    """Chooses each round's γ for one ``generate`` call; ``costs`` is shared with later calls."""
 
-    def __init__(self, costs: StepCosts, gamma_max: int, prior_alpha: float) -> None:
+    def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
         self.costs = costs
         self.gamma_max = gamma_max
         self.estimate = AcceptanceEstimate(prior_alpha)
-        self.can_win = best_gamma(costs, 1.0, gamma_max) > 0
+        self.can_win = best_gamma(costs.calibrated, 1.0, gamma_max) > 0
         self.dense_rounds = 0
 
     def choose(self) -> int:
@@ -115,9 +146,11 @@ class AutoPolicy:
                 return min(_PROBE_GAMMA, self.gamma_max)
         return gamma
 
-    def record(self, accepted: list[int], gamma: int) -> None:
+    def record(self, accepted: list[int], gamma: int, seconds: float) -> None:
+        """One round: the live rows' accepted counts, and its wall seconds."""
         if gamma > 0:
             self.estimate.update(accepted, gamma)
+        self.costs.observe(gamma, seconds)
 
 
 def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int, int, int]:

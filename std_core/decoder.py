@@ -19,6 +19,7 @@ row's rejection never discards another row's accepted tokens.
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from std_core.acceptance import (
     sampling_agreement,
 )
 from std_core.attention import attention_phase, install
-from std_core.auto import AutoPolicy, StepCosts, shape_bucket, time_forward
+from std_core.auto import AutoPolicy, RoundCosts, StepCosts, shape_bucket, time_forward
 from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
@@ -206,13 +207,14 @@ class _Decode:
             self.stop.max_new_tokens - g for g, f in zip(self.generated, self.finished, strict=True) if not f
         )
         gamma = min(self.gamma if self.policy is None else self.policy.choose(), remaining - 1)
+        start = time.perf_counter()
         uniforms = self.uniforms(gamma)
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
         p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
         accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
         accepted_host = self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
-        if self.policy is not None:
-            self.policy.record(accepted_host, gamma)
+        if self.policy is not None:  # roll_back synchronised: the wall time is the round's
+            self.policy.record(accepted_host, gamma, time.perf_counter() - start)
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
@@ -329,7 +331,7 @@ class _Decode:
         per_model = _STEP_COSTS.setdefault(self.model, {})
         key = (str(param.device), str(param.dtype), self.gamma, bucket)
         if key not in per_model:
-            per_model[key] = self.measure_costs()
+            per_model[key] = RoundCosts(self.measure_costs())
         return AutoPolicy(per_model[key], self.gamma, _ACCEPTANCE.get(self.model, 0.6))
 
     def measure_costs(self, repeats: int = 2) -> StepCosts:

@@ -7,6 +7,7 @@ import pytest
 from std_core.auto import (
     AcceptanceEstimate,
     AutoPolicy,
+    RoundCosts,
     StepCosts,
     best_gamma,
     break_even_alpha,
@@ -52,9 +53,27 @@ def test_acceptance_estimate_is_the_truncated_geometric_mle() -> None:
 
 def test_policy_probes_when_it_fell_back_to_dense() -> None:
     costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
-    policy = AutoPolicy(costs, gamma_max=9, prior_alpha=0.0)
+    policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.0)
     choices = [policy.choose() for _ in range(40)]
     assert choices.count(0) >= 36 and max(choices) > 0  # mostly dense, with short probes
     for _ in range(20):
-        policy.record([9, 9], gamma=2)  # probes come back fully accepted
+        policy.record([9, 9], gamma=2, seconds=costs.round_seconds(2))  # probes come back fully accepted
     assert policy.choose() >= 6
+
+
+def test_measured_rounds_override_a_wrong_calibration() -> None:
+    """A calibration that made drafts look as dear as dense steps is corrected by measured rounds."""
+    wrong = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.04)
+    true = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    costs = RoundCosts(wrong)
+    assert best_gamma(costs, 0.9, 9) == 0
+    for gamma in (0, 2, 4):
+        costs.observe(gamma, true.round_seconds(gamma))
+    assert best_gamma(costs, 0.9, 9) >= 4
+    assert costs.round_seconds(4) == true.round_seconds(4)
+
+
+def test_unmeasured_rounds_scale_with_the_measured_ones() -> None:
+    costs = RoundCosts(StepCosts(dense_step=1.0, draft_step=0.1, verify_base=1.0, verify_per_token=0.0))
+    costs.observe(0, 2.0)  # everything runs twice as slow as calibrated (a busy machine)
+    assert costs.round_seconds(3) == 2 * (3 * 0.1 + 1.0)
