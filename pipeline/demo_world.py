@@ -1,0 +1,388 @@
+"""The procedural video world of the demo model: coloured shapes appear, move and disappear.
+
+A clip is fully determined by its seed (``make_clip(seed)``). It holds 1–3 shape tracks; each track
+appears at a known frame, moves in a straight line (left, right, up or down) and disappears at a known
+frame, before the clip ends. Appearance and disappearance times are distinct and well separated, so
+"first" and "last" are unambiguous even after temporal subsampling, and concurrent shapes never overlap.
+
+Every answer depends on specific frames and regions: a shape's colour and form on the frames where it is
+visible, its motion on the first and last of those frames, the order of events on when each one happens.
+That is what makes a trained model's attention over the visual tokens sparse.
+
+Two legibility cues help a 4-layer model read space and time from pixels (like a timestamp overlay in
+real footage): the dark background carries a faint horizontal red / vertical blue gradient, and its green
+level rises steadily through the clip.
+
+Outputs: frame arrays (``render_frames``: uint8 ``[T, H, W, 3]``) for training, and H.264 files
+(``encode_video``: libx264, yuv420p) plus a manifest (``write_sample_dataset``) for the pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.prompts import CAPTION_PROMPT, format_mcq_prompt
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 235),
+    "yellow": (230, 215, 40),
+    "purple": (175, 60, 210),
+    "white": (235, 235, 235),
+}
+SHAPES = ("square", "circle", "triangle")
+MOTIONS = ("left", "right", "up", "down")
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+FRAME_HEIGHT = 168  # 6 x 6 merged tokens of 28 px per temporal patch: 36 visual tokens per 2 frames
+FRAME_WIDTH = 168
+MIN_FRAMES = 32
+MAX_FRAMES = 256
+FRAME_STEP = 16  # clip lengths are multiples of this, so clips of one length batch without padding
+SHAPE_RADIUS = 21  # half the side of a shape's bounding box: a shape spans about 1.5 tokens (28 px)
+MIN_TRAVEL, MAX_TRAVEL = 40, 70  # pixels a shape moves over its lifetime
+MIN_GAP = 0.15  # minimum separation of two appearances (or disappearances), as a fraction of the clip
+MIN_LIFE, MAX_LIFE = 0.3, 0.5  # a shape's lifetime, as a fraction of the clip
+PIPELINE_FRAMES = 8  # the pipeline's default sample: events 1/8 of a clip apart stay in order there
+HELDOUT_SEED_BASE = 1_000_000_000  # training seeds lie below, held-out seeds at and above
+SAMPLE_SEED_BASE = 2_000_000_000  # seeds of the sample dataset the pipeline embeds
+
+
+@dataclass(frozen=True)
+class Track:
+    """One shape: visible on frames ``appear <= f < disappear``, centre moving from ``start`` to ``end``."""
+
+    colour: str
+    shape: str
+    motion: str
+    appear: int
+    disappear: int
+    start: tuple[float, float]  # (x, y) pixel centre on frame ``appear``
+    end: tuple[float, float]  # (x, y) pixel centre on frame ``disappear - 1``
+
+    def centre(self, frame: int) -> tuple[float, float]:
+        """Pixel centre (x, y) on ``frame`` (linear in time; only meaningful while visible)."""
+        u = (frame - self.appear) / max(1, self.disappear - 1 - self.appear)
+        return (
+            self.start[0] + u * (self.end[0] - self.start[0]),
+            self.start[1] + u * (self.end[1] - self.start[1]),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    frame: int
+    kind: str  # "appears" or "disappears"
+    colour: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class MCQItem:
+    question: str
+    options: tuple[str, ...]
+    answer: str  # the option letter
+
+    @property
+    def prompt(self) -> str:
+        return format_mcq_prompt(self.question, self.options)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A clip's script: everything needed to render it and to state its ground truth."""
+
+    seed: int
+    num_frames: int
+    tracks: tuple[Track, ...]  # sorted by appearance
+    height: int = FRAME_HEIGHT
+    width: int = FRAME_WIDTH
+
+    @property
+    def events(self) -> list[Event]:
+        """Appearances and disappearances, in time order."""
+        events = [Event(t.appear, "appears", t.colour, t.shape) for t in self.tracks]
+        events += [Event(t.disappear, "disappears", t.colour, t.shape) for t in self.tracks]
+        return sorted(events, key=lambda e: e.frame)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling a clip's script
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_clip(seed: int, num_frames: int | None = None) -> Clip:
+    """The clip of ``seed`` (deterministic). ``num_frames`` overrides the sampled length (any even T >= 16)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.arange(MIN_FRAMES, MAX_FRAMES + 1, FRAME_STEP)
+    sampled_length = int(rng.choice(lengths))
+    length = sampled_length if num_frames is None else num_frames
+    if length < 16 or length % 2:
+        raise ValueError(f"num_frames must be an even number >= 16, got {length}")
+    n = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
+    colours = rng.choice(list(COLOURS), size=n, replace=False)
+    spans = _sample_spans(rng, n, length)
+    tracks: list[Track] = []
+    for colour, (appear, disappear) in zip(colours, spans, strict=True):
+        tracks.append(_place_track(rng, str(colour), appear, disappear, tracks))
+    return Clip(seed=seed, num_frames=length, tracks=tuple(tracks))
+
+
+def _sample_spans(rng: np.random.Generator, n: int, length: int) -> list[tuple[int, int]]:
+    """``n`` (appear, disappear) frame pairs: appearances and disappearances each separated by MIN_GAP."""
+    while True:
+        appear = np.sort(rng.uniform(0.0, 0.6, size=n))
+        life = rng.uniform(MIN_LIFE, MAX_LIFE, size=n)
+        disappear = np.minimum(appear + life, 0.97)
+        if _separated(appear) and _separated(np.sort(disappear)):
+            return [(int(a * length), int(d * length)) for a, d in zip(appear, disappear, strict=True)]
+
+
+def _separated(times: np.ndarray) -> bool:
+    return bool(np.all(np.diff(times) >= MIN_GAP))
+
+
+def _place_track(
+    rng: np.random.Generator, colour: str, appear: int, disappear: int, others: list[Track]
+) -> Track:
+    """A track with a random shape, direction and path that stays in frame and clear of ``others``."""
+    r = SHAPE_RADIUS + 2
+    while True:
+        motion = str(rng.choice(MOTIONS))
+        travel = float(rng.uniform(MIN_TRAVEL, MAX_TRAVEL))
+        dx, dy = _STEP[motion]
+        x0 = rng.uniform(r + max(0, -dx) * travel, FRAME_WIDTH - r - max(0, dx) * travel)
+        y0 = rng.uniform(r + max(0, -dy) * travel, FRAME_HEIGHT - r - max(0, dy) * travel)
+        track = Track(
+            colour=colour,
+            shape=str(rng.choice(SHAPES)),
+            motion=motion,
+            appear=appear,
+            disappear=disappear,
+            start=(float(x0), float(y0)),
+            end=(float(x0 + dx * travel), float(y0 + dy * travel)),
+        )
+        if all(_clear(track, other) for other in others):
+            return track
+
+
+def _clear(a: Track, b: Track) -> bool:
+    """True when ``a`` and ``b`` stay at least one and a half shape widths apart on every frame both are visible."""
+    frames = range(max(a.appear, b.appear), min(a.disappear, b.disappear))
+    return all(np.hypot(*np.subtract(a.centre(f), b.centre(f))) >= 3 * SHAPE_RADIUS for f in frames)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering and encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def render_frames(clip: Clip, indices: Sequence[int] | None = None) -> np.ndarray:
+    """The clip's frames (all, or those at ``indices``), uint8 ``[T, H, W, 3]`` RGB."""
+    indices = range(clip.num_frames) if indices is None else indices
+    yy, xx = np.mgrid[0 : clip.height, 0 : clip.width].astype(np.float32)
+    frames = np.empty((len(indices), clip.height, clip.width, 3), dtype=np.uint8)
+    for i, f in enumerate(indices):
+        frame = _background(yy, xx, f / max(1, clip.num_frames - 1))
+        for track in clip.tracks:
+            if track.appear <= f < track.disappear:
+                frame[_shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
+        frames[i] = frame
+    return frames
+
+
+def _background(yy: np.ndarray, xx: np.ndarray, progress: float) -> np.ndarray:
+    """Dark background: red rises left to right, blue top to bottom, green with clip progress."""
+    frame = np.empty((*yy.shape, 3), dtype=np.uint8)
+    frame[..., 0] = 15 + 50 * xx / (xx.shape[1] - 1)
+    frame[..., 1] = 15 + 50 * progress
+    frame[..., 2] = 15 + 50 * yy / (yy.shape[0] - 1)
+    return frame
+
+
+def _shape_mask(shape: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    r = SHAPE_RADIUS
+    if shape == "square":
+        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2
+    if shape == "triangle":  # apex up, base down; half-width grows linearly from 0 to r
+        inside_y = (yy >= cy - r) & (yy <= cy + r)
+        return inside_y & (np.abs(xx - cx) <= (yy - (cy - r)) * r / (2 * r) + 0.5)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def encode_video(frames: np.ndarray, target: str | Path | io.BytesIO, fps: int = 16) -> Path | io.BytesIO:
+    """Write ``frames`` (uint8 ``[T, H, W, 3]``, even H and W) as H.264 (libx264, yuv420p) MP4."""
+    import av
+
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
+    is_buffer = isinstance(target, io.BytesIO)
+    with av.open(target if is_buffer else str(target), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", "preset": "fast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return target if is_buffer else Path(target)
+
+
+def segment_centres(total: int, count: int) -> list[int]:
+    """Indices of ``count`` frames out of ``total``: the centres of equal segments (the pipeline's rule)."""
+    count = min(total, count)
+    return [min(int((i + 0.5) * total / count), total - 1) for i in range(count)]
+
+
+def sample_frames(frames: np.ndarray, count: int | None) -> np.ndarray:
+    """``count`` frames picked as the pipeline picks them (``segment_centres``); ``None`` keeps all."""
+    return frames if count is None else frames[segment_centres(len(frames), count)]
+
+
+def decode_video(source: str | Path | io.BytesIO) -> np.ndarray:
+    """Every frame of a video file (path or file object) decoded with PyAV, uint8 ``[T, H, W, 3]`` RGB."""
+    import av
+
+    with av.open(source if isinstance(source, io.BytesIO) else str(source)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def codec_roundtrip(frames: np.ndarray) -> np.ndarray:
+    """``frames`` as the pipeline sees them: encoded to H.264 in memory and decoded back."""
+    buffer = io.BytesIO()
+    encode_video(frames, buffer)
+    buffer.seek(0)
+    return decode_video(buffer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truth: caption, QA pairs, MCQ items
+# ---------------------------------------------------------------------------------------------------
+
+
+def caption(clip: Clip) -> str:
+    """The shapes in order of appearance: ``"A red circle moves left, then a blue square moves up."``."""
+    parts = [f"a {t.colour} {t.shape} moves {t.motion}" for t in clip.tracks]
+    text = ", then ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
+def qa_pairs(clip: Clip) -> list[QAPair]:
+    """Every question the world asks about ``clip``, each with its one-word answer."""
+    by_appear = clip.tracks
+    by_disappear = sorted(clip.tracks, key=lambda t: t.disappear)
+    pairs = [
+        QAPair("What colour was the shape that appeared first?", by_appear[0].colour),
+        QAPair("What colour was the shape that appeared last?", by_appear[-1].colour),
+        QAPair("What colour was the shape that disappeared first?", by_disappear[0].colour),
+        QAPair("How many shapes appeared?", COUNT_WORDS[len(clip.tracks)]),
+    ]
+    for t in clip.tracks:
+        pairs.append(QAPair(f"Which way did the {t.colour} shape move?", t.motion))
+        pairs.append(QAPair(f"What shape was the {t.colour} one?", t.shape))
+    return pairs
+
+
+def mcq_items(clip: Clip) -> list[MCQItem]:
+    """One multiple-choice item per QA pair, options shuffled deterministically from the clip's seed."""
+    rng = np.random.default_rng([clip.seed, 1])
+    clip_colours = [t.colour for t in clip.tracks]
+    items = []
+    for pair in qa_pairs(clip):
+        options = _options(rng, pair.answer, clip_colours)
+        items.append(MCQItem(pair.question, options, "ABCD"[options.index(pair.answer)]))
+    return items
+
+
+def _options(rng: np.random.Generator, answer: str, clip_colours: list[str]) -> tuple[str, ...]:
+    """Four options (three for shapes) holding ``answer``; colour distractors prefer the clip's colours."""
+    if answer in SHAPES:
+        pool = list(SHAPES)
+    elif answer in MOTIONS:
+        pool = list(MOTIONS)
+    elif answer in COUNT_WORDS:
+        pool = list(COUNT_WORDS[1:])
+    else:
+        others = [c for c in clip_colours if c != answer]
+        rest = [c for c in rng.permutation(list(COLOURS)) if c != answer and c not in others]
+        pool = [answer, *others, *rest][:4]
+    return tuple(str(o) for o in rng.permutation(pool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out items and the sample dataset
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One held-out clip with one item of each task (chosen deterministically from its seed)."""
+
+    clip: Clip
+    caption: str
+    qa: QAPair
+    mcq: MCQItem
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return {"caption": CAPTION_PROMPT, "qa": self.qa.question, "mcq": self.mcq.prompt}
+
+
+def eval_item(seed: int, num_frames: int | None = None) -> EvalItem:
+    """The clip of ``seed`` with its caption, one QA pair and one MCQ item."""
+    clip = make_clip(seed, num_frames)
+    rng = np.random.default_rng([seed, 2])
+    pairs, items = qa_pairs(clip), mcq_items(clip)
+    return EvalItem(clip, caption(clip), pairs[rng.integers(len(pairs))], items[rng.integers(len(items))])
+
+
+def heldout_seeds(count: int, offset: int = 0) -> list[int]:
+    """Seeds of held-out clips: never used by training (which draws seeds below HELDOUT_SEED_BASE)."""
+    return [HELDOUT_SEED_BASE + offset + i for i in range(count)]
+
+
+def write_sample_dataset(out_dir: str | Path, num_clips: int = 8, seed: int = 0) -> Path:
+    """Write ``num_clips`` clips as ``.mp4`` plus ``manifest.jsonl``; return the manifest's path.
+
+    Each row: ``video_uri`` (absolute path), ``id``, ``questions`` (list) with their ground-truth
+    ``answers``, ``caption`` (ground truth), and one MCQ item as ``question``, ``options``, ``answer``
+    (a letter). The clips are held-out clips of the world (seeds never used in training).
+    """
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_clips):
+        item = eval_item(SAMPLE_SEED_BASE + seed * 100_000 + i)
+        video = encode_video(render_frames(item.clip), out / f"clip_{i:04d}.mp4")
+        pairs = qa_pairs(item.clip)[:3]
+        rows.append(
+            {
+                "video_uri": str(video),
+                "id": f"clip_{i:04d}",
+                "caption": item.caption,
+                "questions": [p.question for p in pairs],
+                "answers": [p.answer for p in pairs],
+                "question": item.mcq.question,
+                "options": list(item.mcq.options),
+                "answer": item.mcq.answer,
+            }
+        )
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
