@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs import benchmark
 from pipeline.bench.pipeline_bench import (
@@ -19,12 +20,22 @@ from pipeline.bench.pipeline_bench import (
     annotate_stage,
     decode_stage,
     idle_fraction,
+    timeline,
 )
 from pipeline.demo_world import write_sample_dataset
 from pipeline.run import plan_run
 from pipeline.sources import video_rows
 
 pytest_plugins = ["pipeline_fixtures"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_idle_fraction_counts_gaps_between_ready_and_the_last_batch() -> None:
@@ -42,6 +53,8 @@ def test_idle_fraction_counts_gaps_between_ready_and_the_last_batch() -> None:
     assert idle["annotate_idle_fraction"] == pytest.approx(0.2)
     assert idle["annotate_actors_seen"] == 3
     assert idle_fraction([])["annotate_idle_fraction"] is None
+    steady = timeline(entries, started=-2.0, videos=8)
+    assert steady == {"e2e_startup_seconds": 2.0, "e2e_active_seconds": 5.0, "e2e_videos_per_s_active": 1.6}
 
 
 def test_stages_alone_process_every_video(model_dir: Path, tmp_path: Path) -> None:
@@ -73,3 +86,4 @@ def test_pipeline_benchmark_end_to_end(ray_local: str, model_dir: Path, tmp_path
     assert out["benchmark"] == "pipeline" and out["e2e_status"] == "ok" and out["e2e_rows_ok"] == 4
     assert out["e2e_videos_per_s"] > 0 and out["annotate_actors_seen"] >= 1
     assert 0 <= out["annotate_idle_fraction"] < 1
+    assert out["e2e_startup_seconds"] > 0 and out["e2e_active_seconds"] <= out["e2e_wall_seconds"]

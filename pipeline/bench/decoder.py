@@ -7,7 +7,9 @@
    calibration for this shape, which later calls reuse);
 3. ``repeats`` rounds; each calls every variant once, in an order rotated by one per round, so slow
    drifts of a shared machine spread over all variants;
-4. report medians per variant (:class:`pipeline.bench.records.DecoderRecord`), whether every call of
+4. once more, ``step_costs`` (what ``mode="auto"`` calibrates: fastest-of-2 forwards on fresh caches,
+   rolled back), to compare auto's cost model with the step costs measured inside the runs;
+5. report medians per variant (:class:`pipeline.bench.records.DecoderRecord`), whether every call of
    every variant produced the same tokens (``outputs_equal``), the measured step costs, and the
    *projected* speedup at the stated acceptance profile.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.bench.inputs import SyntheticSpec, WorldSpec, synthetic_inputs, world_inputs
+from pipeline.bench.inputs import SyntheticSpec, WorldSpec, fresh, synthetic_inputs, world_inputs
 from pipeline.bench.measure import STD_VARIANTS, VARIANTS, Sample, run_variant
 from pipeline.bench.records import DecoderRecord, build_record
 from std_core import SparseToDenseDecoder, StdConfig
@@ -71,7 +73,8 @@ def run_case(bench: BenchModel, case: DecoderCase, log: Log | None = None) -> De
     inputs = make_inputs(bench, case)
     decoders = make_decoders(bench.model, case)
     samples = collect_samples(bench.model, decoders, inputs, case, log)
-    return build_record(bench, case, inputs, samples)
+    calibrated = decoders["std"].step_costs(**fresh(inputs)) if "std" in decoders else None
+    return build_record(bench, case, inputs, samples, calibrated)
 
 
 def make_inputs(bench: BenchModel, case: DecoderCase) -> dict:

@@ -14,6 +14,7 @@ Definitions (every time is the median over repeats; see :mod:`pipeline.bench.mea
 - ``dense_step_ms``: one dense forward (dense mode's verify phase / rounds); ``draft_step_ms``: std
   draft time / drafted positions; ``verify_step_ms``: std verify time / rounds (γ + 1 tokens);
   ``*_step_ratio``: relative to ``dense_step_ms``. ``round_overhead_ms``: std ``other`` per round.
+  ``calibrated_*``: the same ratios as ``mode="auto"`` calibrates them (``step_costs``), for comparison.
 - ``projected_*``: :func:`pipeline.bench.projection.project` with the measured costs (each round also
   charged its measured overhead) at the per-draft α that gives ``acceptance_profile`` at γ = 9.
   ``measured_alpha``: the same inversion of the measured acceptance rate at the run's γ.
@@ -42,6 +43,7 @@ from pipeline.bench.projection import (
     step_costs,
     weight_bytes_per_step,
 )
+from std_core.auto import StepCosts
 
 if TYPE_CHECKING:
     from pipeline.bench.decoder import BenchModel, DecoderCase
@@ -102,6 +104,9 @@ class DecoderRecord:
     round_overhead_ms: float | None
     draft_step_ratio: float | None
     verify_step_ratio: float | None
+    calibrated_dense_step_ms: float | None
+    calibrated_draft_step_ratio: float | None
+    calibrated_verify_step_ratio: float | None
     acceptance_profile: float
     projected_alpha: float
     projected_tokens_per_round: float | None
@@ -126,7 +131,11 @@ class DecoderRecord:
 
 
 def build_record(
-    bench: BenchModel, case: DecoderCase, inputs: dict, samples: dict[str, list[Sample]]
+    bench: BenchModel,
+    case: DecoderCase,
+    inputs: dict,
+    samples: dict[str, list[Sample]],
+    calibrated: StepCosts | None = None,
 ) -> DecoderRecord:
     """Medians, ratios and projections of one case's samples (see the module docstring)."""
     model, dense, std = bench.model, samples["dense"], samples.get("std")
@@ -136,6 +145,7 @@ def build_record(
         **_speedups(samples),
         **_acceptance(case, std, samples.get("auto")),
         **_steps_and_projection(case, dense, std),
+        **_calibrated(calibrated, case.gamma),
         **_memory(model.device, samples),
         **_bandwidth(model, inputs, dense),
     }
@@ -276,6 +286,18 @@ _STD_STEP_FIELDS = (
     "draft_step_ratio", "verify_step_ratio", "projected_tokens_per_round", "projected_decode_speedup",
     "projected_e2e_speedup", "projected_best_gamma", "projected_best_decode_speedup", "break_even_alpha",
 )  # fmt: skip
+
+
+def _calibrated(costs: StepCosts | None, gamma: int) -> dict:
+    if costs is None:
+        return dict.fromkeys(
+            ("calibrated_dense_step_ms", "calibrated_draft_step_ratio", "calibrated_verify_step_ratio")
+        )
+    return {
+        "calibrated_dense_step_ms": 1000 * costs.dense_step,
+        "calibrated_draft_step_ratio": costs.draft_step / costs.dense_step,
+        "calibrated_verify_step_ratio": costs.verify(gamma + 1) / costs.dense_step,
+    }
 
 
 def _memory(device: torch.device, samples: dict[str, list[Sample]]) -> dict:

@@ -111,7 +111,15 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
 def run_decoder_benchmark(config: DecoderBenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run every case; with ``sweep``, write the table (markdown, CSV) and figure. Returns the summary."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _run(config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: DecoderBenchConfig, log: Callable[[str], None]) -> dict:
     bench = load_bench_model(config)
     started = datetime.now(timezone.utc)
     records = []
@@ -125,6 +133,7 @@ def run_decoder_benchmark(config: DecoderBenchConfig, log: Callable[[str], None]
         "status": "ok",
         "model": bench.label,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "std_core": std_core_version(),
         "config": dataclasses.asdict(config),
         "outputs_equal": all(r["outputs_equal"] for r in records),
         "records": records,
@@ -133,12 +142,41 @@ def run_decoder_benchmark(config: DecoderBenchConfig, log: Callable[[str], None]
         summary["cross_projection"] = cross_projections(records, read_csv(config.costs_from))
     if config.sweep:
         name = config.name or f"decoder-{bench.label.strip('/').rsplit('/', 1)[-1]}-{records[0]['device']}"
+        init = "" if config.init_std is None else f", init std {config.init_std}"
+        first = records[0]
         title = (
-            f"{bench.label}{'' if config.init_std is None else f' init std {config.init_std}'} ({records[0]['dtype']}, {records[0]['device_name']}, {config.threads} thread(s)), "
-            f"γ={config.gamma}, budget={config.sparse_budget}, {config.max_new_tokens} new tokens"
+            f"{bench.label}{init} ({first['dtype']}, {first['device_name']}, {config.threads} thread(s)), "
+            f"γ={config.gamma}, budget={config.sparse_budget}, {config.max_new_tokens} new tokens, "
+            f"std_core {summary['std_core']}"
         )
         summary["files"] = write_sweep(records, config.out, name, title)
     return summary
+
+
+def std_core_version() -> str:
+    """The last commit touching ``std_core`` (``+dirty`` with uncommitted changes), or "unknown"."""
+    import subprocess
+    from pathlib import Path
+
+    import std_core
+
+    root = Path(std_core.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "log", "-1", "--format=%h", "--", "std_core"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "std_core"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")  # fmt: skip
 
 
 def cross_projections(records: list[dict], cost_rows: list[dict]) -> dict:
