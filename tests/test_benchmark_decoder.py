@@ -21,6 +21,7 @@ from pipeline.bench.projection import alpha_for_acceptance
 from pipeline.bench.records import DecoderRecord
 from pipeline.bench.report import cross_project, markdown_table, read_csv
 
+pytest_plugins = ["pipeline_fixtures"]
 TINY = ["--visual-tokens", "192", "--batch", "1", "2", "--max-new-tokens", "8", "--repeats", "1",
         "--budget", "48", "--gamma", "3"]  # fmt: skip
 
@@ -84,6 +85,17 @@ def test_cross_projection_recomputes_the_records_own_projection(record: dict) ->
 def test_markdown_table_has_one_row_per_record(record: dict) -> None:
     table = markdown_table([record, {**record, "std_ms_per_token": None}])
     assert len(table.strip().splitlines()) == 4 and "–" in table
+
+
+def test_checkpoint_on_demo_world_clips_runs_the_vision_tower_once(model_dir) -> None:
+    from pipeline.models import load_model
+
+    model, processor = load_model(str(model_dir), "float32", "cpu")
+    case = DecoderCase(batch=2, frames=16, gamma=3, sparse_budget=24, max_new_tokens=6, repeats=1)
+    record = dataclasses.asdict(run_case(BenchModel(model, "tiny", processor), case))
+    assert record["inputs"] == "demo_world@16f" and record["visual_tokens"] == 16 // 2 * 36
+    assert record["vision_ms"] > 0 and record["outputs_equal"] is True
+    assert record["std_ms_per_token"] > 0 and record["hf_ms_per_token"] > 0
 
 
 def test_decoder_case_rejects_ambiguous_sizes() -> None:

@@ -2,7 +2,8 @@
 
 :func:`run_case` is the whole method for one configuration (model × inputs × γ × budget):
 
-1. build the inputs once (synthetic for presets, demo-world clips for checkpoints);
+1. build the inputs once (synthetic for presets, demo-world clips for checkpoints, whose vision
+   features are computed once, timed, and shared by every variant);
 2. warm up: one short call of every variant (for ``auto`` this is also its one-time step-cost
    calibration for this shape, which later calls reuse);
 3. ``repeats`` rounds; each calls every variant once, in an order rotated by one per round, so slow
@@ -21,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.bench.inputs import SyntheticSpec, WorldSpec, fresh, synthetic_inputs, world_inputs
+from pipeline.bench.inputs import (
+    SyntheticSpec,
+    WorldSpec,
+    encode_videos,
+    fresh,
+    synthetic_inputs,
+    world_inputs,
+)
 from pipeline.bench.measure import STD_VARIANTS, VARIANTS, Sample, run_variant
 from pipeline.bench.records import DecoderRecord, build_record
 from std_core import SparseToDenseDecoder, StdConfig
@@ -70,20 +78,23 @@ class BenchModel:
 
 def run_case(bench: BenchModel, case: DecoderCase, log: Log | None = None) -> DecoderRecord:
     """Benchmark ``case`` on ``bench`` (see the module docstring)."""
-    inputs = make_inputs(bench, case)
+    inputs, vision_seconds = make_inputs(bench, case)
     decoders = make_decoders(bench.model, case)
     samples = collect_samples(bench.model, decoders, inputs, case, log)
     calibrated = decoders["std"].step_costs(**fresh(inputs)) if "std" in decoders else None
-    return build_record(bench, case, inputs, samples, calibrated)
+    return build_record(bench, case, inputs, samples, calibrated, vision_seconds)
 
 
-def make_inputs(bench: BenchModel, case: DecoderCase) -> dict:
+def make_inputs(bench: BenchModel, case: DecoderCase) -> tuple[dict, float | None]:
+    """The case's ``generate`` inputs (vision features precomputed), and the vision tower's seconds
+    (None for synthetic inputs, which come with features)."""
     if case.visual_tokens:
         spec = SyntheticSpec(case.visual_tokens, case.batch, case.text_tokens, case.padding, case.seed)
-        return synthetic_inputs(bench.model, spec)
+        return synthetic_inputs(bench.model, spec), None
     if bench.processor is None:
         raise ValueError("demo-world inputs need the checkpoint's processor")
-    return world_inputs(bench.model, bench.processor, WorldSpec(case.frames, case.batch, case.seed))
+    inputs = world_inputs(bench.model, bench.processor, WorldSpec(case.frames, case.batch, case.seed))
+    return encode_videos(bench.model, inputs)
 
 
 def make_decoders(model: torch.nn.Module, case: DecoderCase) -> dict[str, SparseToDenseDecoder]:

@@ -9,12 +9,16 @@ positions. Rows are left padded by 0..``padding`` tokens (real batches are padde
 ``generate`` attends with an explicit mask, the case ``TRANSFORMERS_SDPA_FORCE_GQA`` is about).
 
 *World* inputs (trained checkpoints): held-out clips of :mod:`pipeline.demo_world` at a chosen length,
-each with the caption prompt, through the checkpoint's own processor.
+each with the caption prompt, through the checkpoint's own processor. :func:`encode_videos` then runs
+the vision tower once (timed) and swaps the pixels for its output, exactly as ``generate`` would store
+it, so every variant decodes from the same features and no variant's timing holds the vision tower.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +130,25 @@ def world_inputs(model: torch.nn.Module, processor: object, spec: WorldSpec) -> 
     texts = [chat_prompt(processor, CAPTION_PROMPT)] * spec.batch
     batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     return {key: value.to(model.device) for key, value in batch.items()}
+
+
+def encode_videos(model: torch.nn.Module, inputs: dict) -> tuple[dict, float]:
+    """Run the vision tower on ``inputs``' videos once: inputs with ``mm_encoder_outputs`` instead of
+    ``pixel_values_videos`` (what ``generate`` computes before its prefill), and the seconds it took."""
+    encoder = model.base_model.get_video_features
+    names = inspect.signature(encoder).parameters
+    kwargs = {key: inputs[key] for key in names if key in inputs}
+    _synchronize(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        features = encoder(**kwargs, return_dict=True)
+    _synchronize(model.device)
+    seconds = time.perf_counter() - start
+    out = {key: value for key, value in inputs.items() if key != "pixel_values_videos"}
+    out["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=features.pooler_output)}
+    return out, seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -2,6 +2,8 @@
 
 Definitions (every time is the median over repeats; see :mod:`pipeline.bench.measure`):
 
+- ``vision_ms``: the vision tower on the batch's videos, run once before the variants (checkpoints on
+  demo-world clips; None for synthetic inputs, which come with features). No variant's time holds it.
 - ``*_ms_per_token``: decode time / steps (steps = output positions after the first token), for
   the whole batch; ``*_e2e_ms``: the whole ``generate`` call.
 - ``decode_speedup`` = dense / std decode time; ``e2e_speedup`` = dense / std wall time. ``auto_*``
@@ -70,6 +72,7 @@ class DecoderRecord:
     repeats: int
     outputs_equal: bool
     mismatched_variants: str
+    vision_ms: float | None
     prefill_ms: float
     select_ms: float
     dense_ms_per_token: float
@@ -136,11 +139,13 @@ def build_record(
     inputs: dict,
     samples: dict[str, list[Sample]],
     calibrated: StepCosts | None = None,
+    vision_seconds: float | None = None,
 ) -> DecoderRecord:
     """Medians, ratios and projections of one case's samples (see the module docstring)."""
     model, dense, std = bench.model, samples["dense"], samples.get("std")
     fields = {
         **_describe(bench, case, inputs, samples),
+        "vision_ms": None if vision_seconds is None else 1000 * vision_seconds,
         **_variant_times(samples),
         **_speedups(samples),
         **_acceptance(case, std, samples.get("auto")),
