@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ SUMMARY_COLUMNS = (
     ("e2e_speedup", "StD e2e ×", "{:.2f}"),
     ("auto_decode_speedup", "auto decode ×", "{:.2f}"),
     ("auto_vs_best", "auto / best", "{:.3f}"),
-    ("acceptance_rate", "accept (random)", "{:.2f}"),
+    ("acceptance_rate", "acceptance", "{:.2f}"),
     ("draft_step_ratio", "draft/dense step", "{:.2f}"),
     ("verify_step_ratio", "verify/dense step", "{:.2f}"),
     ("draft_share", "draft share", "{:.2f}"),
@@ -121,11 +122,11 @@ def plot_speedup(
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ticks = sorted({int(r["visual_tokens"]) for r in records})
-    ax.set_xticks(ticks, [f"{t / 1024:g}k" if t >= 1024 else str(t) for t in ticks])
+    ax.set_xticks(ticks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("visual tokens per video")
     ax.set_ylabel("decode speedup over dense (×)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     fig.text(0.01, 0.01, "measured: at the model's own acceptance (random weights: see the table); "
              "projected: measured step costs at the stated acceptance profile", fontsize=6, color="grey")  # fmt: skip
     ax.legend(fontsize=7, ncol=3, loc="upper left")
