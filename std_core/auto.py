@@ -118,10 +118,10 @@ class AcceptanceEstimate:
         self.accepted = prior * _PRIOR_ROUNDS
         self.rejections = (1.0 - prior) * _PRIOR_ROUNDS
 
-    def update(self, accepted: list[int], gamma: int) -> None:
-        """Record one round: ``accepted[b]`` drafts of ``gamma`` accepted in each live row."""
-        self.accepted += sum(accepted)
-        self.rejections += sum(1 for a in accepted if a < gamma)
+    def update(self, accepted: int, rejections: int) -> None:
+        """Record one round: drafts accepted and rounds ended by a rejection, over the live rows."""
+        self.accepted += accepted
+        self.rejections += rejections
 
     @property
     def alpha(self) -> float:
@@ -129,27 +129,37 @@ class AcceptanceEstimate:
 
 
 class AutoPolicy:
-    """Chooses each round's γ for one ``generate`` call; ``costs`` is shared with later calls."""
+    """Chooses each round's γ for one ``generate`` call; ``costs`` is shared with later calls.
+
+    Dense-only rounds are measured once early, so γ = 0 is compared on measured time too. Where
+    dense wins but StD could (at α = 1) still win, a short probe round re-measures acceptance every
+    ``probe_every`` dense rounds; the interval doubles after every fully rejected probe.
+    """
 
     def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
         self.costs = costs
         self.gamma_max = gamma_max
         self.estimate = AcceptanceEstimate(prior_alpha)
-        self.can_win = best_gamma(costs.calibrated, 1.0, gamma_max) > 0
         self.dense_rounds = 0
+        self.probe_every = _PROBE_EVERY
 
     def choose(self) -> int:
+        if 0 not in self.costs.observed:
+            return 0
         gamma = best_gamma(self.costs, self.estimate.alpha, self.gamma_max)
-        if gamma == 0 and self.can_win:
+        if gamma == 0 and best_gamma(self.costs, 1.0, self.gamma_max) > 0:
             self.dense_rounds += 1
-            if self.dense_rounds % _PROBE_EVERY == 0:
+            if self.dense_rounds % self.probe_every == 0:
                 return min(_PROBE_GAMMA, self.gamma_max)
         return gamma
 
-    def record(self, accepted: list[int], gamma: int, seconds: float) -> None:
-        """One round: the live rows' accepted counts, and its wall seconds."""
+    def record(self, outcomes: list, gamma: int, seconds: float) -> None:
+        """One round: the live rows' counts (``RowStats``) and its wall seconds."""
         if gamma > 0:
-            self.estimate.update(accepted, gamma)
+            accepted = sum(o.accepted for o in outcomes)
+            self.estimate.update(accepted, sum(o.rejections for o in outcomes))
+            if self.dense_rounds and gamma == min(_PROBE_GAMMA, self.gamma_max):
+                self.probe_every = _PROBE_EVERY if accepted else min(16 * _PROBE_EVERY, 2 * self.probe_every)
         self.costs.observe(gamma, seconds)
 
 

@@ -191,6 +191,7 @@ class _Decode:
         first = self.pick(scores[:, 0])
         self.commit_tokens(first[:, None].cpu(), [0] * batch)
         self.pending = first
+        self.sparse_behind = [0] * batch  # committed tokens not yet copied into the sparse cache
 
     def committed_lengths(self) -> list[int]:
         return [self.prompt_len + g for g in self.generated]
@@ -208,13 +209,16 @@ class _Decode:
         )
         gamma = min(self.gamma if self.policy is None else self.policy.choose(), remaining - 1)
         start = time.perf_counter()
+        if gamma and any(self.sparse_behind):  # dense-only rounds left the sparse cache behind
+            self.sparse.append_from(self.dense, self.sparse_behind)
+            self.sparse_behind = [0] * len(self.sparse_behind)
         uniforms = self.uniforms(gamma)
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
         p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
         accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
-        accepted_host = self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
+        outcomes = self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
         if self.policy is not None:  # roll_back synchronised: the wall time is the round's
-            self.policy.record(accepted_host, gamma, time.perf_counter() - start)
+            self.policy.record(outcomes, gamma, time.perf_counter() - start)
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
@@ -285,43 +289,49 @@ class _Decode:
 
     def roll_back(
         self, drafts: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor, gamma: int
-    ) -> list[int]:
-        """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``.
-        Returns the accepted counts of the rows that were live this round."""
+    ) -> list[RowStats]:
+        """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``
+        (the sparse cache lazily after a dense-only round). Returns the live rows' round counts."""
         new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
         host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
-        accepted_host = host[:, 0].tolist()
-        live = [a for a, done in zip(accepted_host, self.finished, strict=True) if not done]
         self.round_gammas.append(gamma)
-        keep = self.commit_tokens(host[:, 1:], accepted_host, gamma=gamma)
+        keep, outcomes = self.commit_tokens(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
         keep_t = torch.tensor(keep, device=drafts.device)
-        if self.sparse is not None:
+        if self.sparse is not None and gamma:
             self.sparse.adopt_tentative(self.dense)
             self.sparse.commit(keep_t, keep)
+        elif self.sparse is not None:
+            self.sparse_behind = [a + b for a, b in zip(self.sparse_behind, keep, strict=True)]
         self.dense.commit(keep_t, keep)
         self.pending = bonus
-        return live
+        return outcomes
 
-    def commit_tokens(self, new: torch.Tensor, accepted: list[int], gamma: int | None = None) -> list[int]:
+    def commit_tokens(
+        self, new: torch.Tensor, accepted: list[int], gamma: int | None = None
+    ) -> tuple[list[int], list[RowStats]]:
         """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, *]`` on the CPU, cut
-        where the row stops) and count them (as a round of ``gamma`` drafts, unless None: the
-        prefill's token). Returns how many tentative cache slots each row keeps."""
+        where the row stops) and count them as a round of ``gamma`` drafts (None: the prefill's
+        token). Returns the tentative cache slots each row keeps, and the live rows' round counts."""
         stops = self.stop.stop_index(new, self.tokens, self.generated)
-        keep = [0] * len(self.generated)
+        keep, outcomes = [0] * len(self.generated), []
         for b, (a, stop) in enumerate(zip(accepted, stops, strict=True)):
             if self.finished[b]:
                 continue
+            usable = 0 if gamma is None else min(gamma, self.stop.max_new_tokens - self.generated[b] - 1)
             count = a + 1
             if stop is not None and stop < count:
                 count, self.finished[b] = stop + 1, True
             start = self.prompt_len + self.generated[b]
             self.tokens[b, start : start + count] = new[b, :count].to(self.tokens.device)
             self.generated[b] += count
-            rounds, drafted = (0, 0) if gamma is None else (1, gamma)
-            self.row_stats[b] += RowStats(count, rounds, drafted, min(a, count) if rounds else 0)
+            outcome = _round_counts(
+                count, a, usable, ended_in_drafts=stop is not None and stop < min(a, usable)
+            )
+            outcomes.append(outcome if gamma is not None else RowStats(count))
+            self.row_stats[b] += outcomes[-1]
             keep[b] = 0 if self.finished[b] else a + 1
         self.cached = torch.tensor([g - 1 for g in self.generated], device=self.tokens.device)
-        return keep
+        return keep, outcomes
 
     # ----------------------------------------------------------------------------------- mode="auto"
     def auto_policy(self) -> AutoPolicy:
@@ -334,7 +344,7 @@ class _Decode:
             per_model[key] = RoundCosts(self.measure_costs())
         return AutoPolicy(per_model[key], self.gamma, _ACCEPTANCE.get(self.model, 0.6))
 
-    def measure_costs(self, repeats: int = 2) -> StepCosts:
+    def measure_costs(self, repeats: int = 3) -> StepCosts:
         """Step costs of this call's own caches (each timed forward is rolled back at once)."""
 
         def timed(cache: SlotCache, q: int) -> float:
@@ -391,3 +401,12 @@ class _Decode:
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
         )
+
+
+def _round_counts(count: int, accepted: int, usable: int, ended_in_drafts: bool) -> RowStats:
+    """One row's counts for a round that committed ``count`` tokens, ``accepted`` drafts agreeing, of
+    which it could use ``usable`` (its remaining budget). A row that stopped at an accepted draft
+    (end-of-sequence) drafted only up to there and was not rejected."""
+    if ended_in_drafts:
+        return RowStats(count, 1, count, count, 0)
+    return RowStats(count, 1, usable, min(accepted, usable), int(accepted < usable))

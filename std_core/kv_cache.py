@@ -14,7 +14,8 @@ already written this round (the same for every row). :meth:`commit` then keeps `
 ``pending`` tentative tokens of each row and drops the rest, which is the whole rollback: slots past
 ``lengths[b]`` are never read (the mask hides them) and are overwritten by the next round.
 
-Invariants: ``0 <= starts[b] <= lengths[b]``, ``lengths[b] + pending <= capacity``; the slot index is
+Invariants: ``0 <= starts[b] <= lengths[b]``, ``lengths[b] + pending < capacity`` (the last slot is a
+spare that is never valid, see :meth:`append_from`); the slot index is
 not a RoPE position (positions are passed to the model explicitly). The cache is the only owner of
 this state; the decoder changes it only through :meth:`begin_forward`, :meth:`commit` and
 :meth:`adopt_tentative`.
@@ -159,13 +160,39 @@ class SlotCache(Cache):
         if max(self._lengths_host) + q > self.capacity:
             raise RuntimeError(f"SlotCache overflow adopting {q} tokens (capacity {self.capacity})")
         self.pending = 0
-        dst = self.write_index(q)
+        self._copy(other, src, self.write_index(q))
+        self.pending = q
+
+    def append_from(self, other: SlotCache, counts: list[int]) -> None:
+        """Append to row ``b`` the last ``counts[b]`` committed tokens of ``other`` (committed here at once).
+
+        Brings the sparse cache up to date after dense-only rounds (``mode="auto"`` with γ = 0), which
+        skip the per-round copy. Slots past a row's count go to the last slot, which is never valid
+        (capacity keeps one spare), so rows with different counts share one gather/scatter.
+        """
+        assert self.lengths is not None and other.lengths is not None and self.pending == 0
+        q = max(counts)
+        if q == 0:
+            return
+        device = self.lengths.device
+        count = torch.tensor(counts, device=device)
+        i = torch.arange(q, device=device)[None]
+        used = i < count[:, None]
+        src = torch.where(used, other.lengths[:, None] - count[:, None] + i, 0)[:, None, :, None]
+        dst = torch.where(used, self.lengths[:, None] + i, self.capacity - 1)[:, None, :, None]
+        if max(self._lengths_host) + q >= self.capacity:
+            raise RuntimeError(f"SlotCache overflow appending {q} tokens (capacity {self.capacity})")
+        self._copy(other, src, dst)
+        self.lengths = self.lengths + count
+        self._lengths_host = [a + b for a, b in zip(self._lengths_host, counts, strict=True)]
+
+    def _copy(self, other: SlotCache, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Per layer: this cache's slots ``dst [B, 1, q, 1]`` = ``other``'s slots ``src``."""
         for mine, theirs in zip(self.layers, other.layers, strict=True):
             heads, dim = theirs.keys.shape[1], theirs.keys.shape[3]
             src_i, dst_i = src.expand(-1, heads, -1, dim), dst.expand(-1, heads, -1, dim)
             mine.keys.scatter_(2, dst_i, theirs.keys.gather(2, src_i))
             mine.values.scatter_(2, dst_i, theirs.values.gather(2, src_i))
-        self.pending = q
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod

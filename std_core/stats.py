@@ -3,7 +3,9 @@
 Vocabulary (as in vLLM's spec-decode metrics): per round a row *drafts* γ tokens, *accepts* the
 longest agreeing prefix of them, and gains one *bonus* token from the verify, so a round commits
 ``accepted + 1`` tokens. ``mean_accepted_per_round`` includes the bonus; ``acceptance_rate`` does not
-(accepted / drafted).
+(accepted / drafted). Drafts a row could not use are not counted as drafted: those past its token
+budget, and those after an end-of-sequence token it accepted. A *rejection* is a round that ended
+at a disagreeing draft.
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ class RowStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-draft acceptance probability under the i.i.d. model: the maximum-likelihood estimate
+        from truncated-geometric rounds, accepted / (accepted + rejections)."""
+        trials = self.accepted + self.rejections
+        return self.accepted / trials if trials else 0.0
 
     @property
     def mean_accepted_per_round(self) -> float:
@@ -42,6 +52,7 @@ class RowStats:
             self.rounds + other.rounds,
             self.drafted + other.drafted,
             self.accepted + other.accepted,
+            self.rejections + other.rejections,
         )
 
 
@@ -84,6 +95,7 @@ class DecodeStats:
             "rounds": row.rounds,
             "drafted_tokens": row.drafted,
             "accepted_tokens": row.accepted,
+            "rejections": row.rejections,
             "acceptance_rate": row.acceptance_rate,
             "mean_accepted_per_round": row.mean_accepted_per_round,
         }
@@ -99,7 +111,9 @@ class DecodeStats:
             "rounds": self.batch_rounds,
             "drafted_tokens": total.drafted,
             "accepted_tokens": total.accepted,
+            "rejections": total.rejections,
             "acceptance_rate": total.acceptance_rate,
+            "alpha": total.alpha,
             "mean_accepted_per_round": total.mean_accepted_per_round,
             "prefill_seconds": self.prefill_seconds,
             "select_seconds": self.select_seconds,

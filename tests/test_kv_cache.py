@@ -74,3 +74,14 @@ def test_gathered_cache_holds_the_selected_slots() -> None:
     assert sparse.layers[0].keys[0, 0, :3, 0].tolist() == [10, 12, 14]
     assert sparse.starts.tolist() == [1] and sparse.lengths.tolist() == [3]
     assert sparse.layers[0].keys.shape[2] == 6  # O(budget + generated), not the dense length
+
+
+def test_append_from_catches_rows_up_by_their_own_counts() -> None:
+    dense = _cache(lengths=[7, 9], starts=[0, 0], capacity=12)
+    dense.layers[0].keys[:, 0, :, 0] = torch.arange(12).float()[None] + torch.tensor([[100.0], [200.0]])
+    sparse = _cache(lengths=[3, 4], starts=[0, 0], capacity=8)
+    sparse.append_from(dense, [2, 0])
+    keys = sparse.layers[0].keys[:, 0, :, 0]
+    assert keys[0, 3:5].tolist() == [105.0, 106.0]  # dense row 0's last two committed slots
+    assert keys[1, 4].item() == 0.0  # row 1 appended nothing (its window went to the spare slot)
+    assert sparse.lengths.tolist() == [5, 4]

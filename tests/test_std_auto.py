@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from std_core import RowStats
 from std_core.auto import (
     AcceptanceEstimate,
     AutoPolicy,
@@ -47,18 +48,37 @@ def test_costs_from_measurements_fit_the_verify_line() -> None:
 def test_acceptance_estimate_is_the_truncated_geometric_mle() -> None:
     estimate = AcceptanceEstimate(prior=0.5)
     for _ in range(200):
-        estimate.update([3, 4], gamma=4)  # one rejection after 3 accepted, one full round
+        estimate.update(accepted=3 + 4, rejections=1)  # one row rejected after 3, one accepted all 4
     assert estimate.alpha == pytest.approx(7 / 8, abs=0.01)
 
 
 def test_policy_probes_when_it_fell_back_to_dense() -> None:
     costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
     policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.0)
+    assert policy.choose() == 0  # the first round measures dense
+    policy.record([], gamma=0, seconds=costs.round_seconds(0))
     choices = [policy.choose() for _ in range(40)]
     assert choices.count(0) >= 36 and max(choices) > 0  # mostly dense, with short probes
+    accepted_all = [RowStats(3, 1, 2, 2, 0), RowStats(3, 1, 2, 2, 0)]
     for _ in range(20):
-        policy.record([9, 9], gamma=2, seconds=costs.round_seconds(2))  # probes come back fully accepted
+        policy.record(accepted_all, gamma=2, seconds=costs.round_seconds(2))  # probes fully accepted
     assert policy.choose() >= 6
+
+
+def test_rejected_probes_back_off() -> None:
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.0)
+    policy.record([], gamma=0, seconds=1.0)
+    rejected = [RowStats(1, 1, 2, 0, 1)]
+    gaps, last = [], 0
+    for i in range(1, 400):
+        if policy.choose() > 0:
+            gaps.append(i - last)
+            last = i
+            policy.record(rejected, gamma=2, seconds=costs.round_seconds(2))
+        else:
+            policy.record([], gamma=0, seconds=1.0)
+    assert gaps[-1] > gaps[0] >= 8  # probes get rarer while they keep failing
 
 
 def test_measured_rounds_override_a_wrong_calibration() -> None:

@@ -130,6 +130,7 @@ def test_keeping_every_visual_token_accepts_every_draft(arch: str) -> None:
     assert_same(result.sequences, c.reference)
     for row in result.stats.rows:
         assert row.rounds == math.ceil((row.generated - 1) / (gamma + 1)), row
+        assert row.accepted == row.drafted and row.rejections == 0, row  # unusable drafts not counted
     longest = max(row.generated for row in result.stats.rows)
     assert result.stats.batch_rounds == math.ceil((longest - 1) / (gamma + 1))
 
@@ -180,3 +181,16 @@ def test_auto_mode_equals_generate(arch: str) -> None:
     result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
     assert_same(result.sequences, c.reference)
     assert set(result.stats.round_gammas) <= set(range(7))
+
+
+def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto alternates dense-only rounds (which leave the sparse cache behind) and draft rounds (which
+    first bring it up to date); any sequence of choices gives the dense output."""
+    from std_core.auto import AutoPolicy
+
+    pattern = iter([0, 0, 3, 0, 0, 0, 5, 1, 0, 2] * 10)
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self: next(pattern))
+    c = case("qwen2_vl")
+    result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
+    assert_same(result.sequences, c.reference)
+    assert result.stats.round_gammas[:8] == (0, 0, 3, 0, 0, 0, 5, 1)
