@@ -39,6 +39,7 @@ from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
 from std_core.processing import Scorer, StopRule
+from std_core.rows import Rows
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
 from std_core.stats import DecodeStats, PhaseTimer, RowStats
 from std_core.validation import validate_generate_inputs
@@ -115,13 +116,12 @@ class _Decode:
         streamer: object = None,
         **model_kwargs: object,
     ) -> GenerateResult | StepCosts:
-        batch, prompt_len = input_ids.shape
+        prompt_len = input_ids.shape[1]
         self.do_sample = bool(generation_config.do_sample)
         self.gamma = 0 if self.config.mode == "dense" else self.config.gamma
         self.timer = PhaseTimer(input_ids.device)
         self.scorer = Scorer(logits_processor)
         self.stop = StopRule(stopping_criteria, prompt_len, generation_config.max_length)
-        self.prompt_len = prompt_len
         pad = generation_config._pad_token_tensor
         self.pad_id = int(pad) if pad is not None else 0
         valid = model_kwargs.get("attention_mask")
@@ -138,16 +138,16 @@ class _Decode:
         if self.calibrate:
             return self.measure_costs(self.calibrate)
         self.policy = self.auto_policy() if self.config.mode == "auto" else None
-        while not all(self.finished):
+        while not self.rows.all_finished:
             self.round()
         if self.policy is not None:
             _ACCEPTANCE[self.model] = self.policy.estimate.alpha
-        return GenerateResult(self.tokens[:, : prompt_len + max(self.generated)], self.stats())
+        return GenerateResult(self.rows.sequences(), self.stats())
 
     # ------------------------------------------------------------------------------ prefill, select
     def prefill(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Dense prefill with the model's own attention; returns the last position's logits [B, 1, V]."""
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         self.dense = SlotCache(self.spec.num_layers, length + self.stop.max_new_tokens + self.gamma + 1)
         text_topk = self.gamma and self.config.selection == "text_topk"
         self.observer = SelectionObserver(self.layout, self.timer) if text_topk else None
@@ -178,23 +178,13 @@ class _Decode:
     # ----------------------------------------------------------------------------------- row state
     def start_rows(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
         """Commit the first token (from the prefill logits) of every row."""
-        batch = input_ids.shape[0]
-        width = self.prompt_len + self.stop.max_new_tokens + self.gamma + 2
-        self.tokens = torch.full((batch, width), self.pad_id, dtype=torch.long, device=input_ids.device)
-        self.tokens[:, : self.prompt_len] = input_ids
-        self.generated = [0] * batch
-        self.finished = [False] * batch
-        self.row_stats = [RowStats() for _ in range(batch)]
+        self.rows = Rows(input_ids, self.stop, self.pad_id, spare=self.gamma + 2)
         self.round_gammas: list[int] = []
-        empty = input_ids[:, :0]
-        scores = self.scorer(logits, self.tokens, self.committed_lengths(), empty)
+        scores = self.scorer(logits, self.rows.tokens, self.rows.lengths(), input_ids[:, :0])
         first = self.pick(scores[:, 0])
-        self.commit_tokens(first[:, None].cpu(), [0] * batch)
+        self.rows.commit(first[:, None].cpu(), [0] * len(first))
         self.pending = first
-        self.sparse_behind = [0] * batch  # committed tokens not yet copied into the sparse cache
-
-    def committed_lengths(self) -> list[int]:
-        return [self.prompt_len + g for g in self.generated]
+        self.sparse_behind = [0] * len(first)  # committed tokens not yet copied into the sparse cache
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """The next token from processed scores ``[B, V]``: argmax, or a draw when sampling."""
@@ -204,10 +194,7 @@ class _Decode:
 
     # ---------------------------------------------------------------------------------- the round
     def round(self) -> None:
-        remaining = max(
-            self.stop.max_new_tokens - g for g, f in zip(self.generated, self.finished, strict=True) if not f
-        )
-        gamma = min(self.gamma if self.policy is None else self.policy.choose(), remaining - 1)
+        gamma = min(self.gamma if self.policy is None else self.policy.choose(), self.rows.remaining() - 1)
         start = time.perf_counter()
         if gamma and any(self.sparse_behind):  # dense-only rounds left the sparse cache behind
             self.sparse.append_from(self.dense, self.sparse_behind)
@@ -228,7 +215,7 @@ class _Decode:
         with self.timer.phase("draft"):
             for i in range(gamma):
                 logits = self.forward(self.sparse, token)
-                scores = self.scorer(logits, self.tokens, self.committed_lengths(), drafts, offset=i)[:, 0]
+                scores = self.scorer(logits, self.rows.tokens, self.rows.lengths(), drafts, offset=i)[:, 0]
                 if self.do_sample:
                     q.append(torch.softmax(scores, dim=-1))
                     drafts[:, i] = sample(q[-1], self.generator)
@@ -243,16 +230,14 @@ class _Decode:
         """Dense scores of ``[pending] + drafts``: ``[B, m, V]`` (m = γ + 1, or fewer when a
         sequential verify stopped once every row had disagreed)."""
         tokens = torch.cat([self.pending[:, None], drafts], dim=1)
-        lengths = self.committed_lengths()
+        history, lengths = self.rows.tokens, self.rows.lengths()
         with self.timer.phase("verify"):
             if self.config.verify == "parallel" or drafts.shape[1] == 0:
-                return self.scorer(self.forward(self.dense, tokens), self.tokens, lengths, drafts)
+                return self.scorer(self.forward(self.dense, tokens), history, lengths, drafts)
             scores, alive = [], torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             for j in range(tokens.shape[1]):
                 scores.append(
-                    self.scorer(
-                        self.forward(self.dense, tokens[:, j : j + 1]), self.tokens, lengths, drafts, j
-                    )
+                    self.scorer(self.forward(self.dense, tokens[:, j : j + 1]), history, lengths, drafts, j)
                 )
                 if j == drafts.shape[1]:
                     break
@@ -295,7 +280,7 @@ class _Decode:
         new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
         host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
         self.round_gammas.append(gamma)
-        keep, outcomes = self.commit_tokens(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
+        keep, outcomes = self.rows.commit(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
         keep_t = torch.tensor(keep, device=drafts.device)
         if self.sparse is not None and gamma:
             self.sparse.adopt_tentative(self.dense)
@@ -306,38 +291,11 @@ class _Decode:
         self.pending = bonus
         return outcomes
 
-    def commit_tokens(
-        self, new: torch.Tensor, accepted: list[int], gamma: int | None = None
-    ) -> tuple[list[int], list[RowStats]]:
-        """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, *]`` on the CPU, cut
-        where the row stops) and count them as a round of ``gamma`` drafts (None: the prefill's
-        token). Returns the tentative cache slots each row keeps, and the live rows' round counts."""
-        stops = self.stop.stop_index(new, self.tokens, self.generated)
-        keep, outcomes = [0] * len(self.generated), []
-        for b, (a, stop) in enumerate(zip(accepted, stops, strict=True)):
-            if self.finished[b]:
-                continue
-            usable = 0 if gamma is None else min(gamma, self.stop.max_new_tokens - self.generated[b] - 1)
-            count = a + 1
-            if stop is not None and stop < count:
-                count, self.finished[b] = stop + 1, True
-            start = self.prompt_len + self.generated[b]
-            self.tokens[b, start : start + count] = new[b, :count].to(self.tokens.device)
-            self.generated[b] += count
-            outcome = _round_counts(
-                count, a, usable, ended_in_drafts=stop is not None and stop < min(a, usable)
-            )
-            outcomes.append(outcome if gamma is not None else RowStats(count))
-            self.row_stats[b] += outcomes[-1]
-            keep[b] = 0 if self.finished[b] else a + 1
-        self.cached = torch.tensor([g - 1 for g in self.generated], device=self.tokens.device)
-        return keep, outcomes
-
     # ----------------------------------------------------------------------------------- mode="auto"
     def auto_policy(self) -> AutoPolicy:
         """The round policy: step costs from the cache or a short calibration, α prior from earlier calls."""
         param = next(self.model.parameters())
-        bucket = shape_bucket(len(self.generated), self.dense.max_cursor(), self.sparse.max_cursor())
+        bucket = shape_bucket(len(self.pending), self.dense.max_cursor(), self.sparse.max_cursor())
         per_model = _STEP_COSTS.setdefault(self.model, {})
         key = (str(param.device), str(param.dtype), self.gamma, bucket)
         if key not in per_model:
@@ -361,7 +319,7 @@ class _Decode:
     def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
         """One decode forward of ``tokens [B, q]`` at each row's next positions; logits ``[B, q, V]``."""
         q = tokens.shape[1]
-        offsets = self.cached[:, None] + cache.pending + torch.arange(q, device=tokens.device)[None]
+        offsets = self.rows.cached[:, None] + cache.pending + torch.arange(q, device=tokens.device)[None]
         positions = decode_position_ids(self.spec, self.base_positions, offsets)
         mask = cache.begin_forward(q, self.spec.groups)
         with attention_phase("decode"):
@@ -389,7 +347,7 @@ class _Decode:
         return DecodeStats(
             mode=self.config.mode,
             gamma=self.gamma,
-            rows=tuple(self.row_stats),
+            rows=tuple(self.rows.stats),
             prefill_seconds=seconds.get("prefill", 0.0) - prefill_select,
             select_seconds=select,
             draft_seconds=seconds.get("draft", 0.0),
@@ -401,12 +359,3 @@ class _Decode:
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
         )
-
-
-def _round_counts(count: int, accepted: int, usable: int, ended_in_drafts: bool) -> RowStats:
-    """One row's counts for a round that committed ``count`` tokens, ``accepted`` drafts agreeing, of
-    which it could use ``usable`` (its remaining budget). A row that stopped at an accepted draft
-    (end-of-sequence) drafted only up to there and was not rejected."""
-    if ended_in_drafts:
-        return RowStats(count, 1, count, count, 0)
-    return RowStats(count, 1, usable, min(accepted, usable), int(accepted < usable))
