@@ -72,15 +72,15 @@ REQUIRED_FILES = {
 
 @dataclass(frozen=True)
 class DemoModelSpec:
-    """Sizes of the demo model (about 2.5M parameters, 10 MB in fp32)."""
+    """Sizes of the demo model (about 3.2M parameters, 12.7 MB in fp32)."""
 
-    text_hidden: int = 256
-    text_layers: int = 4
-    text_heads: int = 8
-    text_kv_heads: int = 2  # GQA: 4 query heads per KV head
-    text_intermediate: int = 512
-    vision_dim: int = 64
-    vision_depth: int = 2
+    text_hidden: int = 192
+    text_layers: int = 6
+    text_heads: int = 6
+    text_kv_heads: int = 2  # GQA: 3 query heads per KV head
+    text_intermediate: int = 576
+    vision_dim: int = 96
+    vision_depth: int = 3
     vision_heads: int = 4
     vision_mlp_ratio: int = 2
     rope_theta: float = 10000.0

@@ -9,9 +9,10 @@ Every answer depends on specific frames and regions: a shape's colour and form o
 visible, its motion on the first and last of those frames, the order of events on when each one happens.
 That is what makes a trained model's attention over the visual tokens sparse.
 
-Two legibility cues help a 4-layer model read space and time from pixels (like a timestamp overlay in
-real footage): the dark background carries a faint horizontal red / vertical blue gradient, and its green
-level rises steadily through the clip.
+Legibility cues help a tiny model read motion, space and time from pixels: a moving shape leaves a short
+dim trail behind it (like motion blur, so one frame shows which way it goes); the dark background carries
+a faint horizontal red / vertical blue gradient; and its green level rises steadily through the clip (like
+a timestamp overlay in real footage).
 
 Outputs: frame arrays (``render_frames``: uint8 ``[T, H, W, 3]``) for training, and H.264 files
 (``encode_video``: libx264, yuv420p) plus a manifest (``write_sample_dataset``) for the pipeline.
@@ -49,6 +50,7 @@ MAX_FRAMES = 256
 FRAME_STEP = 16  # clip lengths are multiples of this, so clips of one length batch without padding
 SHAPE_RADIUS = 21  # half the side of a shape's bounding box: a shape spans about 1.5 tokens (28 px)
 MIN_TRAVEL, MAX_TRAVEL = 40, 70  # pixels a shape moves over its lifetime
+TRAIL_LENGTH = 28  # a moving shape leaves a dim trail this long behind it (its motion, legible per frame)
 MIN_GAP = 0.15  # minimum separation of two appearances (or disappearances), as a fraction of the clip
 MIN_LIFE, MAX_LIFE = 0.3, 0.5  # a shape's lifetime, as a fraction of the clip
 PIPELINE_FRAMES = 8  # the pipeline's default sample: events 1/8 of a clip apart stay in order there
@@ -198,9 +200,12 @@ def render_frames(clip: Clip, indices: Sequence[int] | None = None) -> np.ndarra
     frames = np.empty((len(indices), clip.height, clip.width, 3), dtype=np.uint8)
     for i, f in enumerate(indices):
         frame = _background(yy, xx, f / max(1, clip.num_frames - 1))
-        for track in clip.tracks:
-            if track.appear <= f < track.disappear:
-                frame[_shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
+        visible = [t for t in clip.tracks if t.appear <= f < t.disappear]
+        for track in visible:  # trails first, so no trail ever covers a shape
+            trail = _trail_mask(track.motion, *track.centre(f), yy, xx)
+            frame[trail] = (frame[trail] + np.array(COLOURS[track.colour])) // 2
+        for track in visible:
+            frame[_shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
         frames[i] = frame
     return frames
 
@@ -212,6 +217,14 @@ def _background(yy: np.ndarray, xx: np.ndarray, progress: float) -> np.ndarray:
     frame[..., 1] = 15 + 50 * progress
     frame[..., 2] = 15 + 50 * yy / (yy.shape[0] - 1)
     return frame
+
+
+def _trail_mask(motion: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A band half a shape wide, TRAIL_LENGTH long, behind a shape moving ``motion`` from (cx, cy)."""
+    dx, dy = _STEP[motion]
+    along = (xx - cx) * dx + (yy - cy) * dy  # > 0 ahead of the centre, < 0 behind it
+    across = np.abs((xx - cx) * dy - (yy - cy) * dx)
+    return (along <= 0) & (along >= -(SHAPE_RADIUS + TRAIL_LENGTH)) & (across <= SHAPE_RADIUS / 2)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:

@@ -149,3 +149,18 @@ def test_segment_centres_match_the_pipeline_and_partial_rendering() -> None:
     picks = world.segment_centres(clip.num_frames, 8)
     assert np.array_equal(world.render_frames(clip, picks), world.render_frames(clip)[picks])
     assert np.array_equal(world.sample_frames(world.render_frames(clip), 8), world.render_frames(clip, picks))
+
+
+def test_a_moving_shape_leaves_its_trail_behind_it() -> None:
+    for seed in range(10):
+        clip = world.make_clip(seed)
+        for track in clip.tracks:
+            f = (track.appear + track.disappear) // 2
+            bare = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=()), [f])[0]
+            alone = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=(track,)), [f])[0]
+            changed = np.any(alone != bare, axis=-1) & ~_colour_pixels(alone, track.colour)
+            ys, xs = np.nonzero(changed)
+            cx, cy = track.centre(f)
+            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[track.motion]
+            along = (xs - cx) * dx + (ys - cy) * dy
+            assert len(xs) > 50 and np.all(along < 0), (seed, track.motion)
