@@ -2,9 +2,11 @@
 
 Reported, over the ``ok`` rows of one run:
 
-- ``accuracy``: for mcq, the option letter parsed from each decoder's text against the manifest's answer;
-  for qa, a normalised exact match (``pipeline.demo_eval.score_qa``). StD is lossless, so the two agree
-  wherever the outputs are identical;
+- ``accuracy``: per decoder, the metrics of ``pipeline.demo_eval`` over the rows with an answer: for
+  mcq the option letter parsed from the text, for qa a normalised exact match, for caption (the
+  manifest's ``caption`` as reference) the attribute hits ``caption_colour`` / ``_shape`` / ``_motion`` /
+  ``_order`` and their mean ``caption_attributes``. StD is lossless, so the two decoders agree wherever
+  their outputs are identical;
 - ``exact_match_rate``: rows whose StD tokens equal the dense tokens. Greedy fp32 must give 1.0; in
   bf16/fp16 a parallel verify can flip a near-tie, and each ``divergences`` entry gives the first
   differing position and the dense top-1 minus top-2 logit margin there (a tiny margin means a tie);
@@ -17,8 +19,7 @@ import statistics
 
 import pyarrow as pa
 
-from pipeline.demo_eval import score_qa
-from pipeline.prompts import parse_mcq_answer
+from pipeline.demo_eval import Tally, score_mcq, score_qa
 from pipeline.schema import STATUS_OK
 
 MAX_LISTED_DIVERGENCES = 20
@@ -58,20 +59,23 @@ def evaluation_report(table: pa.Table) -> dict:
 
 
 def _accuracy(rows: list[dict]) -> dict:
-    """Per decoder, the fraction of scored rows (mcq and qa rows with an answer) answered right."""
-    scored = [r for r in rows if r["answer"] is not None and r["task"] in ("mcq", "qa")]
-    std = sum(_right(r, r["text"]) for r in scored)
-    dense = sum(_right(r, r["dense_text"]) for r in scored if r["dense_text"] is not None)
-    with_dense = sum(r["dense_text"] is not None for r in scored)
-    return {"scored": len(scored), "std": _ratio(std, len(scored)), "dense": _ratio(dense, with_dense)}
+    """Per decoder, the ``demo_eval`` metrics of the rows that have an answer (see the module docstring)."""
+    scored = [r for r in rows if r["answer"] is not None]
+    std, dense = Tally(), Tally()
+    for row in scored:
+        _score(std, row, row["text"])
+        if row["dense_text"] is not None:
+            _score(dense, row, row["dense_text"])
+    return {"scored": len(scored), "std": std.summary(), "dense": dense.summary()}
 
 
-def _right(row: dict, text: str | None) -> bool:
-    if text is None:
-        return False
-    if row["task"] == "mcq":
-        return parse_mcq_answer(text, len(row["options"] or [])) == row["answer"]
-    return score_qa(text, row["answer"])
+def _score(tally: Tally, row: dict, text: str | None) -> None:
+    if row["task"] == "caption":
+        tally.add_caption(text or "", row["answer"])
+    elif row["task"] == "mcq":
+        tally.add("mcq", [text is not None and score_mcq(text, row["answer"], len(row["options"] or []))])
+    else:
+        tally.add(row["task"], [text is not None and score_qa(text, row["answer"])])
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -77,18 +77,37 @@ def test_run_level_faults_fail_fast_before_any_model_loads(
 def test_evaluate_reports_accuracy_exactness_acceptance_and_speedup(
     ray_local: str, model_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    manifest = write_sample_dataset(tmp_path / "samples", num_clips=3, seed=1)
+    manifest = write_sample_dataset(tmp_path / "samples", num_clips=3, seed=1)  # 3 questions per clip
     output = tmp_path / "eval"
     argv = ["--input", str(manifest), "--output", str(output), "--model", str(model_dir),
             "--max-new-tokens", "6", "--num-frames", "8", "--sparse-budget", "8", "--gamma", "3"]  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert evaluate.main(argv) == 0  # --task all: caption, qa, mcq
     report = _last_json(capsys)
     assert report == json.loads((output / "_evaluation.json").read_text())
-    assert (report["rows"], report["rows_ok"], report["compared_rows"]) == (3, 3, 3)
-    assert report["accuracy"]["scored"] == 3 and report["accuracy"]["std"] == report["accuracy"]["dense"]
+    assert report["tasks"] == ["caption", "qa", "mcq"]
+    assert (report["rows"], report["rows_ok"], report["compared_rows"]) == (15, 15, 15)
+    rows = {task: r["rows"] for task, r in report["per_task"].items()}
+    assert rows == {"caption": 3, "qa": 9, "mcq": 3}
+    assert all(list((output / task).glob("part-*.parquet")) for task in rows)
+    accuracy = report["accuracy"]
+    assert accuracy["scored"] == 15 and accuracy["std"] == accuracy["dense"]
+    assert {
+        "caption_attributes",
+        "caption_colour",
+        "caption_shape",
+        "caption_motion",
+        "caption_order",
+    } <= set(accuracy["std"])
+    assert {"qa", "mcq"} <= set(accuracy["std"])
+    assert report["per_task"]["mcq"]["accuracy"]["std"].keys() == {"mcq"}
     assert report["exact_match_rate"] == 1.0 and report["divergences"] == []  # fp32 greedy: lossless
     assert 0 <= report["acceptance_rate"] <= 1 and report["mean_accepted_per_round"] >= 1
     assert report["speedup"] > 0 and report["std_decode_seconds"] > 0
+
+    assert evaluate.main([*argv, "--task", "mcq", "--output", str(tmp_path / "mcq")]) == 0
+    single = _last_json(capsys)
+    assert single["tasks"] == ["mcq"] and single["rows"] == 3 and "per_task" not in single
+    assert list((tmp_path / "mcq").glob("part-*.parquet"))
 
 
 @pytest.mark.slow
