@@ -7,8 +7,7 @@ A model is named by
   local cache, guarded by a lock file, so every actor on a node shares one copy);
 - a Hugging Face hub id such as ``Qwen/Qwen2-VL-7B-Instruct`` (downloaded by transformers where a
   network exists);
-- nothing: the project's demo model. Until its trained weights are committed, an untrained model of the
-  same architecture, built locally from the demo builders, stands in (it writes nonsense, quickly).
+- nothing: the project's demo model, committed in ``pipeline/demo_model/`` and installed with the package.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from pipeline.frames import DEFAULT_MAX_PIXELS
 from pipeline.storage import StorageOptions, get_fs, is_object_store, protocol_of
 
 CACHE_ENV = "STD_ANNOTATE_CACHE"
-UNTRAINED_NAME = "untrained-demo-model-v1"
 _COMPLETE = ".complete"
 
 
@@ -38,26 +36,15 @@ def cache_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The trained demo model shipped in the package, else the locally built untrained stand-in."""
+    """The trained demo model shipped in the package (FileNotFoundError naming a missing file)."""
     from pipeline import demo_model
 
-    try:
-        return demo_model.check_model_dir(demo_model.default_model_dir())
-    except FileNotFoundError:
-        return untrained_model_dir()
-
-
-def untrained_model_dir() -> Path:
-    """A randomly initialised demo-architecture model saved in the cache (built once per node)."""
-    target = cache_dir() / UNTRAINED_NAME
-    with _node_lock(target):
-        if not (target / _COMPLETE).exists():
-            build_untrained_model(target)
-    return target
+    return demo_model.check_model_dir(demo_model.default_model_dir())
 
 
 def build_untrained_model(target: Path) -> Path:
-    """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``.
+    """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``:
+    a fast stand-in for tests and benchmarks of the machinery (it writes nonsense).
 
     ``initializer_range`` is raised so the random model writes varied, input-dependent tokens (and
     lets tests see StD drafts get accepted and rejected) instead of one token forever."""

@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForC
 from pipeline import demo_eval, demo_model
 from pipeline import demo_world as world
 from pipeline.prompts import CAPTION_PROMPT
+from std_core import SparseToDenseDecoder, StdConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = demo_model.default_model_dir()
@@ -89,7 +90,9 @@ def test_config_is_small_gqa_qwen2_vl() -> None:
 
 
 def test_committed_dir_loads_offline_through_auto_classes() -> None:
-    demo_model.check_model_dir(COMMITTED)
+    from pipeline import default_model_dir  # the public name the jobs use when --model is not given
+
+    assert default_model_dir() == demo_model.check_model_dir(COMMITTED)
     assert (COMMITTED / "model.safetensors").stat().st_size <= 30_000_000
     processor = AutoProcessor.from_pretrained(COMMITTED, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(COMMITTED, local_files_only=True)
@@ -165,3 +168,27 @@ def test_committed_model_quality_on_heldout_clips(committed: tuple) -> None:
     assert scores["caption_colour"] >= 0.9, scores
     assert scores["caption_order"] >= 0.7, scores
     assert scores["qa"] >= 0.4, scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [64, 1024])
+def test_std_equals_dense_on_heldout_clips(committed: tuple, budget: int) -> None:
+    """Greedy StD on the trained model reproduces model.generate on held-out clips, every task in one batch
+    (ragged prompts, left padding), with a budget that drops most visual tokens and one that keeps them."""
+    processor, model = committed
+    items = [world.eval_item(s) for s in world.heldout_seeds(2, offset=700_000)]
+    videos = [world.sample_frames(world.render_frames(i.clip), 32) for i in items for _ in demo_eval.TASKS]
+    texts = [demo_eval.chat_prompt(processor, i.prompts[t]) for i in items for t in demo_eval.TASKS]
+    batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
+    assert (batch["input_ids"] == processor.tokenizer.pad_token_id).any()  # ragged: left padding
+    assert (batch["input_ids"] == model.config.video_token_id).sum(1).min() == 576  # 16 groups x 36 tokens
+    with torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    result = SparseToDenseDecoder(model, StdConfig(sparse_budget=budget)).generate(**batch, max_new_tokens=24)
+    assert torch.equal(result.sequences, reference)
+    new = reference[:, batch["input_ids"].shape[1] :]
+    assert len(set(new.flatten().tolist())) >= 12  # real captions and answers, not one token repeated
+    rows = result.stats.rows
+    assert all(r.drafted > 0 for r in rows)
+    if budget == 1024:  # every visual token kept: the draft is the dense model, every draft is accepted
+        assert all(r.accepted == r.drafted for r in rows)
