@@ -16,6 +16,7 @@ import torch
 
 from jobs import benchmark
 from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
+from pipeline.bench.measure import DEFAULT_VARIANTS
 from pipeline.bench.presets import PRESETS, build_model
 from pipeline.bench.projection import alpha_for_acceptance
 from pipeline.bench.records import DecoderRecord
@@ -40,7 +41,14 @@ def record() -> dict:
     torch.manual_seed(0)
     model = build_model(PRESETS["kv-bound"], init_std=0.5)  # varied tokens: some drafts rejected
     case = DecoderCase(
-        batch=2, visual_tokens=192, gamma=3, sparse_budget=48, max_new_tokens=10, repeats=2, padding=3
+        batch=2,
+        visual_tokens=192,
+        gamma=3,
+        sparse_budget=48,
+        max_new_tokens=10,
+        repeats=2,
+        padding=3,
+        variants=(*DEFAULT_VARIANTS, "std_sink"),
     )
     return dataclasses.asdict(run_case(BenchModel(model, "kv-bound"), case))
 
@@ -51,7 +59,7 @@ def test_every_variant_produced_the_dense_tokens(record: dict) -> None:
 
 
 def test_times_and_ratios_are_positive(record: dict) -> None:
-    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+    for variant in ("dense", "std", "std_sink", "auto", "hf", "hf_gqa"):
         assert record[f"{variant}_ms_per_token"] > 0
         assert record[f"{variant}_e2e_ms"] > record[f"{variant}_ms_per_token"]
         assert record[f"{variant}_peak_mb"] > 0
@@ -96,6 +104,13 @@ def test_checkpoint_on_demo_world_clips_runs_the_vision_tower_once(model_dir) ->
     assert record["inputs"] == "demo_world@16f" and record["visual_tokens"] == 16 // 2 * 36
     assert record["vision_ms"] > 0 and record["outputs_equal"] is True
     assert record["std_ms_per_token"] > 0 and record["hf_ms_per_token"] > 0
+
+
+def test_sink_window_draft_is_measured_beside_the_text_guided_one(record: dict) -> None:
+    """The paper's comparison: the same budget, filled with attention sinks plus the most recent tokens."""
+    assert 0 <= record["sink_acceptance_rate"] <= 1 and record["sink_mean_accepted_per_round"] >= 1
+    assert record["sink_decode_speedup"] > 0
+    assert "std_sink" not in DecoderCase(batch=1, visual_tokens=64).variants  # opt-in: --variants
 
 
 def test_decoder_case_rejects_ambiguous_sizes() -> None:

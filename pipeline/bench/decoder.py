@@ -30,7 +30,7 @@ from pipeline.bench.inputs import (
     synthetic_inputs,
     world_inputs,
 )
-from pipeline.bench.measure import STD_VARIANTS, VARIANTS, Sample, run_variant
+from pipeline.bench.measure import DEFAULT_VARIANTS, STD_VARIANTS, VARIANTS, Sample, run_variant
 from pipeline.bench.records import DecoderRecord, build_record
 from std_core import SparseToDenseDecoder, StdConfig
 
@@ -53,7 +53,7 @@ class DecoderCase:
     text_tokens: int = 32
     padding: int = 8
     seed: int = 0
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     acceptance_profile: float = 0.62  # projected speedups assume this accepted / drafted at γ = 9
 
     def __post_init__(self) -> None:
@@ -99,13 +99,13 @@ def make_inputs(bench: BenchModel, case: DecoderCase) -> tuple[dict, float | Non
 
 def make_decoders(model: torch.nn.Module, case: DecoderCase) -> dict[str, SparseToDenseDecoder]:
     """One decoder per std_core variant, sharing the model (and ``auto``'s per-model cost cache)."""
-    return {
-        mode: SparseToDenseDecoder(
-            model, StdConfig(mode=mode, gamma=case.gamma, sparse_budget=case.sparse_budget)
-        )
-        for mode in STD_VARIANTS
-        if mode in case.variants
+    configs = {
+        "std": StdConfig(gamma=case.gamma, sparse_budget=case.sparse_budget),
+        "std_sink": StdConfig(gamma=case.gamma, sparse_budget=case.sparse_budget, selection="sink_window"),
+        "dense": StdConfig(mode="dense", gamma=case.gamma, sparse_budget=case.sparse_budget),
+        "auto": StdConfig(mode="auto", gamma=case.gamma, sparse_budget=case.sparse_budget),
     }
+    return {v: SparseToDenseDecoder(model, configs[v]) for v in STD_VARIANTS if v in case.variants}
 
 
 def collect_samples(

@@ -3,6 +3,8 @@
 Variants (all greedy, same inputs, same model object):
 
 - ``std``: :class:`std_core.SparseToDenseDecoder` with fixed γ;
+- ``std_sink``: the same with ``selection="sink_window"`` (attention sinks plus the most recent prompt
+  tokens, the paper's comparison draft) instead of the text-guided top-K, at the same budget;
 - ``dense``: the same decoder with ``mode="dense"`` (plain one-token decoding through the same code);
 - ``auto``: ``mode="auto"`` (γ per round from measured step costs and the running acceptance);
 - ``hf``: plain ``model.generate``; ``hf_gqa``: the same with ``TRANSFORMERS_SDPA_FORCE_GQA=1``
@@ -34,9 +36,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pipeline.bench.inputs import fresh
 
-STD_VARIANTS = ("std", "dense", "auto")
+STD_VARIANTS = ("std", "std_sink", "dense", "auto")
 HF_VARIANTS = ("hf", "hf_gqa")
 VARIANTS = STD_VARIANTS + HF_VARIANTS
+DEFAULT_VARIANTS = ("std", "dense", "auto", "hf", "hf_gqa")  # std_sink on request (--variants)
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 

@@ -11,6 +11,8 @@ Definitions (every time is the median over repeats; see :mod:`pipeline.bench.mea
   ``auto_vs_best`` = auto decode / min(dense, std) decode (the target: ≤ 1.03).
 - ``acceptance_rate`` (accepted / drafted) and ``mean_accepted_per_round`` (tokens per round, bonus
   included) of the std run; with random weights they describe degenerate outputs, not a real model.
+  ``sink_*``: the same for the ``std_sink`` variant (sink + recent-window draft, same budget), and
+  ``sink_decode_speedup`` = dense / std_sink decode time.
 - ``draft_share`` / ``verify_share`` / ``other_share``: the std decode time split. The bonus token is
   the verify's own argmax, so it is inside ``verify``; ``other`` is acceptance, roll-back, stop checks.
 - ``dense_step_ms``: one dense forward (dense mode's verify phase / rounds); ``draft_step_ms``: std
@@ -77,16 +79,19 @@ class DecoderRecord:
     select_ms: float
     dense_ms_per_token: float
     std_ms_per_token: float | None
+    std_sink_ms_per_token: float | None
     auto_ms_per_token: float | None
     hf_ms_per_token: float | None
     hf_gqa_ms_per_token: float | None
     dense_e2e_ms: float
     std_e2e_ms: float | None
+    std_sink_e2e_ms: float | None
     auto_e2e_ms: float | None
     hf_e2e_ms: float | None
     hf_gqa_e2e_ms: float | None
     decode_speedup: float | None
     e2e_speedup: float | None
+    sink_decode_speedup: float | None
     auto_decode_speedup: float | None
     auto_e2e_speedup: float | None
     auto_vs_best: float | None
@@ -94,6 +99,8 @@ class DecoderRecord:
     speedup_vs_hf_gqa: float | None
     acceptance_rate: float | None
     mean_accepted_per_round: float | None
+    sink_acceptance_rate: float | None
+    sink_mean_accepted_per_round: float | None
     measured_alpha: float | None
     auto_acceptance_rate: float | None
     auto_mean_gamma: float | None
@@ -122,6 +129,7 @@ class DecoderRecord:
     base_memory_mb: float
     dense_peak_mb: float
     std_peak_mb: float | None
+    std_sink_peak_mb: float | None
     auto_peak_mb: float | None
     hf_peak_mb: float | None
     hf_gqa_peak_mb: float | None
@@ -149,6 +157,7 @@ def build_record(
         **_variant_times(samples),
         **_speedups(samples),
         **_acceptance(case, std, samples.get("auto")),
+        **_sink_acceptance(samples.get("std_sink")),
         **_steps_and_projection(case, dense, std),
         **_calibrated(calibrated, case.gamma),
         **_memory(model.device, samples),
@@ -196,7 +205,7 @@ def _variant_times(samples: dict[str, list[Sample]]) -> dict:
         "prefill_ms": 1000 * _median(samples["dense"], lambda s: s.prefill_seconds),
         "select_ms": 1000 * (_median(samples.get("std"), lambda s: s.select_seconds) or 0.0),
     }
-    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+    for variant in ("dense", "std", "std_sink", "auto", "hf", "hf_gqa"):
         ss = samples.get(variant)
         per_token = _median(ss, lambda s: s.decode_seconds / max(1, s.steps))
         wall = _median(ss, lambda s: s.wall_seconds)
@@ -216,11 +225,22 @@ def _speedups(samples: dict[str, list[Sample]]) -> dict:
     return {
         "decode_speedup": _ratio(decode("dense"), decode("std")),
         "e2e_speedup": _ratio(wall("dense"), wall("std")),
+        "sink_decode_speedup": _ratio(decode("dense"), decode("std_sink")),
         "auto_decode_speedup": _ratio(decode("dense"), decode("auto")),
         "auto_e2e_speedup": _ratio(wall("dense"), wall("auto")),
         "auto_vs_best": _ratio(decode("auto"), best),
         "speedup_vs_hf": _ratio(decode("hf"), decode("std")),
         "speedup_vs_hf_gqa": _ratio(decode("hf_gqa"), decode("std")),
+    }
+
+
+def _sink_acceptance(sink: list[Sample] | None) -> dict:
+    if not sink or not sink[0].drafted:
+        return {"sink_acceptance_rate": None, "sink_mean_accepted_per_round": None}
+    s = sink[0]
+    return {
+        "sink_acceptance_rate": s.accepted / s.drafted,
+        "sink_mean_accepted_per_round": s.committed_in_rounds / s.rounds / s.batch if s.rounds else None,
     }
 
 
@@ -312,7 +332,7 @@ def _memory(device: torch.device, samples: dict[str, list[Sample]]) -> dict:
         "dense_cache_mb": samples["dense"][0].dense_cache_bytes / _MB,
         "sparse_cache_mb": samples["std"][0].sparse_cache_bytes / _MB if samples.get("std") else None,
     }
-    for variant in ("dense", "std", "auto", "hf", "hf_gqa"):
+    for variant in ("dense", "std", "std_sink", "auto", "hf", "hf_gqa"):
         peak = _median(samples.get(variant), lambda s: s.peak_memory_bytes)
         out[f"{variant}_peak_mb"] = None if peak is None else peak / _MB
     return out

@@ -31,6 +31,7 @@ SUMMARY_COLUMNS = (
     ("auto_decode_speedup", "auto decode ×", "{:.2f}"),
     ("auto_vs_best", "auto / best", "{:.3f}"),
     ("acceptance_rate", "acceptance", "{:.2f}"),
+    ("sink_acceptance_rate", "sink-window acceptance", "{:.2f}"),
     ("draft_step_ratio", "draft/dense step", "{:.2f}"),
     ("verify_step_ratio", "verify/dense step", "{:.2f}"),
     ("draft_share", "draft share", "{:.2f}"),

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import torch
 
 from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
-from pipeline.bench.measure import VARIANTS
+from pipeline.bench.measure import DEFAULT_VARIANTS
 from pipeline.bench.presets import PRESETS, build_model, get_preset
 from pipeline.bench.report import cross_project, read_csv, write_sweep
 
@@ -44,7 +44,7 @@ class DecoderBenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     threads: int = 1
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     acceptance_profile: float = 0.62
     sweep: bool = False
     out: str = "bench-out"
