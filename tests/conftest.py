@@ -1,4 +1,4 @@
-"""Shared pytest configuration: GPU tests skip cleanly where no CUDA device exists."""
+"""Shared pytest configuration: one torch thread per test; GPU tests skip cleanly without CUDA."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tests run tiny models and time nothing: one torch thread avoids oversubscribing the CPUs that
 # Ray workers and other processes share (OpenMP spinning made shared-machine runs 10x slower).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one torch thread, whatever an earlier test or job set."""
+    torch.set_num_threads(1)
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

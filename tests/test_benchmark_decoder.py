@@ -27,15 +27,6 @@ TINY = ["--visual-tokens", "192", "--batch", "1", "2", "--max-new-tokens", "8", 
         "--budget", "48", "--gamma", "3"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def record() -> dict:
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from jobs import benchmark
 from pipeline.bench.pipeline_bench import (
@@ -27,15 +26,6 @@ from pipeline.run import plan_run
 from pipeline.sources import video_rows
 
 pytest_plugins = ["pipeline_fixtures"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_idle_fraction_counts_gaps_between_ready_and_the_last_batch() -> None:

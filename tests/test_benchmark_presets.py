@@ -21,15 +21,6 @@ from std_core import SparseToDenseDecoder, StdConfig
 PUBLISHED = {"qwen2-vl-7b": 8.29, "qwen2.5-vl-7b": 8.29, "llava-onevision-7b": 8.03}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_7b_presets_have_the_published_shapes(name: str) -> None:
     model = build_model(PRESETS[name], torch.bfloat16, "meta")

@@ -188,6 +188,17 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` torch threads; restore the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def _env(name: str, value: str | None) -> Iterator[None]:
     """Set (or, with None, unset) an environment variable for the block; restore it after."""
     old = os.environ.get(name)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.annotator import Annotator
+from pipeline.bench.measure import torch_threads
 from pipeline.config import PipelineConfig
 from pipeline.demo_world import write_sample_dataset
 from pipeline.frames import FrameDecoder, FrameSampling
@@ -80,12 +81,8 @@ class PipelineBenchConfig:
 def run_pipeline_benchmark(config: PipelineBenchConfig, log: Log | None = None) -> dict:
     """All three measurements (see the module docstring); returns one flat summary."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: PipelineBenchConfig, log: Log) -> dict:

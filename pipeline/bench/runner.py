@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import torch
 
 from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
-from pipeline.bench.measure import DEFAULT_VARIANTS
+from pipeline.bench.measure import DEFAULT_VARIANTS, torch_threads
 from pipeline.bench.presets import PRESETS, build_model, get_preset
 from pipeline.bench.report import cross_project, read_csv, write_sweep
 
@@ -111,12 +111,8 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
 def run_decoder_benchmark(config: DecoderBenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run every case; with ``sweep``, write the table (markdown, CSV) and figure. Returns the summary."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: DecoderBenchConfig, log: Callable[[str], None]) -> dict:
