@@ -57,7 +57,7 @@ class TrainConfig:
 
     steps: int = 3000
     clips_per_step: int = 8  # at 8 frames; halves each time the frame count doubles (at least 1)
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup: int = 300
     weight_decay: float = 0.01
     seed: int = 0
