@@ -59,6 +59,7 @@ class Sample:
     drafted: int
     accepted: int
     committed_in_rounds: int  # tokens the rounds committed, summed over rows
+    row_rounds: int  # rounds each row took part in (until it stopped), summed over rows
     round_gammas: tuple[int, ...]
     peak_memory_bytes: int
     base_memory_bytes: int
@@ -113,6 +114,7 @@ def _run_std(
         drafted=total.drafted,
         accepted=total.accepted,
         committed_in_rounds=sum(row.generated - 1 for row in stats.rows if row.rounds),
+        row_rounds=sum(row.rounds for row in stats.rows),
         round_gammas=stats.round_gammas,
         peak_memory_bytes=0,
         base_memory_bytes=0,
@@ -171,6 +173,7 @@ def _run_hf(
         drafted=0,
         accepted=0,
         committed_in_rounds=steps * sequences.shape[0],
+        row_rounds=steps * sequences.shape[0],
         round_gammas=(),
         peak_memory_bytes=0,
         base_memory_bytes=0,

@@ -9,8 +9,8 @@ Definitions (every time is the median over repeats; see :mod:`pipeline.bench.mea
 - ``decode_speedup`` = dense / std decode time; ``e2e_speedup`` = dense / std wall time. ``auto_*``
   likewise for ``mode="auto"``; ``speedup_vs_hf[_gqa]`` = plain ``generate``'s decode / std decode.
   ``auto_vs_best`` = auto decode / min(dense, std) decode (the target: ≤ 1.03).
-- ``acceptance_rate`` (accepted / drafted) and ``mean_accepted_per_round`` (tokens per round, bonus
-  included) of the std run; with random weights they describe degenerate outputs, not a real model.
+- ``acceptance_rate`` (accepted / drafted) and ``mean_accepted_per_round`` (tokens a row commits per
+  round it takes part in, bonus included) of the std run; with random weights they describe degenerate outputs, not a real model.
   ``sink_*``: the same for the ``std_sink`` variant (sink + recent-window draft, same budget), and
   ``sink_decode_speedup`` = dense / std_sink decode time.
 - ``draft_share`` / ``verify_share`` / ``other_share``: the std decode time split. The bonus token is
@@ -240,7 +240,7 @@ def _sink_acceptance(sink: list[Sample] | None) -> dict:
     s = sink[0]
     return {
         "sink_acceptance_rate": s.accepted / s.drafted,
-        "sink_mean_accepted_per_round": s.committed_in_rounds / s.rounds / s.batch if s.rounds else None,
+        "sink_mean_accepted_per_round": s.committed_in_rounds / s.row_rounds if s.row_rounds else None,
     }
 
 
@@ -252,7 +252,7 @@ def _acceptance(case: DecoderCase, std: list[Sample] | None, auto: list[Sample] 
     if std:
         s = std[0]  # greedy decoding is deterministic: every repeat accepts the same drafts
         out["acceptance_rate"] = s.accepted / s.drafted if s.drafted else None
-        out["mean_accepted_per_round"] = s.committed_in_rounds / s.rounds / s.batch if s.rounds else None
+        out["mean_accepted_per_round"] = s.committed_in_rounds / s.row_rounds if s.row_rounds else None
         if s.drafted:
             out["measured_alpha"] = alpha_for_acceptance(s.accepted / s.drafted, case.gamma)
     if auto:
