@@ -39,7 +39,7 @@ def test_unknown_flag_value_fails_in_argparse(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         caption.main(["--decoder", "fast"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'fast' (choose from 'std', 'dense')" in capsys.readouterr().err
+    assert "invalid choice: 'fast' (choose from 'std', 'dense', 'auto')" in capsys.readouterr().err
 
 
 def test_invalid_numbers_fail_with_the_reason(capsys) -> None:
