@@ -23,6 +23,7 @@ evaluated on ``--final-eval-clips`` held-out clips that went through H.264, once
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -64,6 +65,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 2
     short_fraction: float = 0.3  # the first part of training sees only 8-frame inputs
+    single_shape_fraction: float = 0.0  # the first part of training sees one shape per clip
     eval_every: int = 250
     final_eval_clips: int = 300
     final_eval_frames: tuple[int, ...] = (8, 32)
@@ -77,8 +79,11 @@ class TrainConfig:
             raise ValueError(
                 "seed must be in 0..9 (training seeds are seed * 10**8 + i, below held-out seeds)"
             )
-        if not 0 <= self.short_fraction <= 1 or any(n < 2 for n in self.final_eval_frames):
-            raise ValueError("short_fraction must be in [0, 1] and final_eval_frames >= 2")
+        fractions = (self.short_fraction, self.single_shape_fraction)
+        if not all(0 <= f <= 1 for f in fractions) or any(n < 2 for n in self.final_eval_frames):
+            raise ValueError(
+                "short_fraction and single_shape_fraction must be in [0, 1], final_eval_frames >= 2"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,11 +134,15 @@ def chroma_subsample(frames: np.ndarray) -> np.ndarray:
     return np.clip(y[..., None] + chroma + 0.5, 0, 255).astype(np.uint8)
 
 
-def training_batch(processor: object, seeds: list[int], num_frames: int, rng: np.random.Generator) -> dict:
+def training_batch(
+    processor: object, seeds: list[int], num_frames: int, rng: np.random.Generator, single_shape: bool = False
+) -> dict:
     """Processor outputs plus ``labels``: one multi-turn sequence per seed, ``num_frames`` frames each."""
     texts, videos = [], []
     for seed in seeds:
         clip = world.make_clip(seed)
+        if single_shape:  # curriculum: the clip's first shape alone (its script and ground truth follow)
+            clip = dataclasses.replace(clip, tracks=clip.tracks[:1])
         frames = world.render_frames(clip, world.segment_centres(clip.num_frames, num_frames))
         videos.append(chroma_subsample(frames) if rng.random() < 0.5 else frames)
         texts.append(processor.apply_chat_template(conversation(clip, rng), tokenize=False))
@@ -155,7 +164,8 @@ def step_batch(processor: object, cfg: TrainConfig, step: int) -> tuple[int, dic
     num_frames = frame_count(step, cfg, rng)
     count = max(1, cfg.clips_per_step * FRAME_COUNTS[0] // num_frames)
     first = cfg.seed * 10**8 + step * cfg.clips_per_step
-    return num_frames, training_batch(processor, list(range(first, first + count)), num_frames, rng)
+    single = step < cfg.single_shape_fraction * cfg.steps
+    return num_frames, training_batch(processor, list(range(first, first + count)), num_frames, rng, single)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -363,6 +373,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
         "--short-fraction", type=float, default=d.short_fraction, help="share of 8-frame-only steps"
+    )
+    p.add_argument(
+        "--single-shape-fraction",
+        type=float,
+        default=d.single_shape_fraction,
+        help="share of the first steps that see one shape per clip (a curriculum)",
     )
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out checks")
     p.add_argument("--final-eval-clips", type=int, default=d.final_eval_clips, help="0 skips the final eval")
