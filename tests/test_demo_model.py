@@ -126,6 +126,18 @@ def test_train_help() -> None:
     assert result.returncode == 0 and "--force" in result.stdout and "--device" in result.stdout
 
 
+def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> None:
+    from jobs.train_demo_model import TrainConfig, step_batch
+
+    processor = demo_model.build_processor()
+    cfg = TrainConfig(steps=10, single_shape_fraction=0.5)
+    for step, shapes in ((0, {1}), (9, {1, 2, 3})):
+        _, batch = step_batch(processor, cfg, step)
+        answers = processor.batch_decode(batch["input_ids"].where(batch["labels"] != -100, 0))
+        counts = {a.count(" moves ") for a in answers}  # the caption turn names every shape once
+        assert counts <= shapes and (len(counts) > 1) == (len(shapes) > 1), (step, counts)
+
+
 @pytest.mark.slow
 def test_training_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tmp_path / "model"
