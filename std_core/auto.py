@@ -64,10 +64,14 @@ class RoundCostModel(Protocol):
 @dataclass
 class RoundCosts:
     """Seconds of a round per γ: the calibration's model, replaced by an average of measured rounds
-    where rounds of that γ ran (unmeasured γ are scaled by how far measurements strayed from the model)."""
+    where rounds of that γ ran (unmeasured γ are scaled by how far measurements strayed from the model).
+
+    Shared by the calls on one model and shape bucket, like the probe interval: a workload whose probes
+    keep failing probes ever more rarely, across calls, not only within one."""
 
     calibrated: StepCosts
     observed: dict[int, float] = field(default_factory=dict)
+    probe_every: int = _PROBE_EVERY  # dense rounds between probes (doubles after each failed probe)
 
     def round_seconds(self, gamma: int) -> float:
         if gamma in self.observed:
@@ -133,7 +137,8 @@ class AutoPolicy:
 
     Dense-only rounds are measured once early, so γ = 0 is compared on measured time too. Where
     dense wins but StD could (at α = 1) still win, a short probe round re-measures acceptance every
-    ``probe_every`` dense rounds; the interval doubles after every fully rejected probe.
+    ``costs.probe_every`` dense rounds; the interval doubles after every fully rejected probe (up to
+    16×) and resets after a probe with an accepted draft.
     """
 
     def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
@@ -141,7 +146,6 @@ class AutoPolicy:
         self.gamma_max = gamma_max
         self.estimate = AcceptanceEstimate(prior_alpha)
         self.dense_rounds = 0
-        self.probe_every = _PROBE_EVERY
 
     def choose(self) -> int:
         if 0 not in self.costs.observed:
@@ -149,7 +153,7 @@ class AutoPolicy:
         gamma = best_gamma(self.costs, self.estimate.alpha, self.gamma_max)
         if gamma == 0 and best_gamma(self.costs, 1.0, self.gamma_max) > 0:
             self.dense_rounds += 1
-            if self.dense_rounds % self.probe_every == 0:
+            if self.dense_rounds % self.costs.probe_every == 0:
                 return min(_PROBE_GAMMA, self.gamma_max)
         return gamma
 
@@ -159,7 +163,8 @@ class AutoPolicy:
             accepted = sum(o.accepted for o in outcomes)
             self.estimate.update(accepted, sum(o.rejections for o in outcomes))
             if self.dense_rounds and gamma == min(_PROBE_GAMMA, self.gamma_max):
-                self.probe_every = _PROBE_EVERY if accepted else min(16 * _PROBE_EVERY, 2 * self.probe_every)
+                backed_off = min(16 * _PROBE_EVERY, 2 * self.costs.probe_every)
+                self.costs.probe_every = _PROBE_EVERY if accepted else backed_off
         self.costs.observe(gamma, seconds)
 
 

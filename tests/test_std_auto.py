@@ -81,6 +81,29 @@ def test_rejected_probes_back_off() -> None:
     assert gaps[-1] > gaps[0] >= 8  # probes get rarer while they keep failing
 
 
+def test_probe_backoff_carries_over_to_the_next_call_on_the_same_costs() -> None:
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    shared = RoundCosts(costs)
+
+    def probes_in(calls: int, rounds: int, accepted: bool) -> list[int]:
+        counts = []
+        outcome = [RowStats(3, 1, 2, 2, 0)] if accepted else [RowStats(1, 1, 2, 0, 1)]
+        for _ in range(calls):
+            policy, probes = AutoPolicy(shared, gamma_max=9, prior_alpha=0.0), 0
+            for _ in range(rounds):
+                gamma = policy.choose()
+                probes += gamma > 0
+                policy.record(outcome if gamma else [], gamma=gamma, seconds=shared.round_seconds(gamma))
+            counts.append(probes)
+        return counts
+
+    failing = probes_in(calls=4, rounds=64, accepted=False)
+    assert failing[0] == 2 and failing[-1] == 0  # rounds 16 and 48; later calls wait out the backoff
+    assert shared.probe_every > 64
+    shared.probe_every = 16
+    assert probes_in(calls=1, rounds=64, accepted=True)[0] >= 1
+
+
 def test_measured_rounds_override_a_wrong_calibration() -> None:
     """A calibration that made drafts look as dear as dense steps is corrected by measured rounds."""
     wrong = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.04)
