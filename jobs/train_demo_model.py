@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class TrainConfig:
     threads: int = 2
     short_fraction: float = 0.3  # the first part of training sees only 8-frame inputs
     single_shape_fraction: float = 0.0  # the first part of training sees one shape per clip
+    aux_weight: float = 0.0  # weight of the visual-token auxiliary loss (0: the language-model loss only)
     eval_every: int = 250
     final_eval_clips: int = 300
     final_eval_frames: tuple[int, ...] = (8, 32)
@@ -138,17 +140,63 @@ def training_batch(
     processor: object, seeds: list[int], num_frames: int, rng: np.random.Generator, single_shape: bool = False
 ) -> dict:
     """Processor outputs plus ``labels``: one multi-turn sequence per seed, ``num_frames`` frames each."""
-    texts, videos = [], []
+    texts, videos, aux = [], [], []
     for seed in seeds:
         clip = world.make_clip(seed)
         if single_shape:  # curriculum: the clip's first shape alone (its script and ground truth follow)
             clip = dataclasses.replace(clip, tracks=clip.tracks[:1])
-        frames = world.render_frames(clip, world.segment_centres(clip.num_frames, num_frames))
+        picks = world.segment_centres(clip.num_frames, num_frames)
+        frames = world.render_frames(clip, picks)
+        aux.append(token_labels(clip, picks))
         videos.append(chroma_subsample(frames) if rng.random() < 0.5 else frames)
         texts.append(processor.apply_chat_template(conversation(clip, rng), tokenize=False))
     batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     batch["labels"] = answer_labels(batch["input_ids"], processor.tokenizer)
+    batch["aux_labels"] = torch.cat(aux)
     return dict(batch)
+
+
+def token_labels(clip: world.Clip, picks: Sequence[int]) -> torch.Tensor:
+    """Per merged visual token, in the processor's order (temporal patch, then row, then column):
+    ``[tokens, 2]`` = (shape class, motion class) of the shape whose centre lies in the token's 28-px
+    cell on the patch's first frame, 0 where none does (classes are 1 + the index in SHAPES / MOTIONS)."""
+    cell = 2 * 14  # merge 2 x patch 14
+    rows, cols = clip.height // cell, clip.width // cell
+    groups = (len(picks) + 1) // 2
+    labels = torch.zeros(groups, rows, cols, 2, dtype=torch.long)
+    for g in range(groups):
+        f = picks[2 * g]
+        for t in clip.tracks:
+            if t.appear <= f < t.disappear:
+                cx, cy = t.centre(f)
+                r, c = min(rows - 1, int(cy // cell)), min(cols - 1, int(cx // cell))
+                labels[g, r, c] = torch.tensor(
+                    [1 + world.SHAPES.index(t.shape), 1 + world.MOTIONS.index(t.motion)]
+                )
+    return labels.reshape(-1, 2)
+
+
+class VisualAux(torch.nn.Module):
+    """Training-only head on the vision tower's merged tokens: predicts each token's shape and motion
+    class, so the vision tower learns to encode them where the language model can read them. The head
+    is not part of the saved model (a plain Qwen2-VL)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        hidden = model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1 + len(world.SHAPES) + 1 + len(world.MOTIONS))
+        self.features: torch.Tensor | None = None
+        model.model.visual.register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self.features = getattr(output, "pooler_output", output)
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.features)
+        shapes = 1 + len(world.SHAPES)
+        return torch.nn.functional.cross_entropy(logits[:, :shapes], labels[:, 0]) + (
+            torch.nn.functional.cross_entropy(logits[:, shapes:], labels[:, 1])
+        )
 
 
 def frame_count(step: int, cfg: TrainConfig, rng: np.random.Generator) -> int:
@@ -223,13 +271,23 @@ def monitor(model: torch.nn.Module, batches: list[tuple[str, dict]], device: str
 
 
 def optimizer_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, lr: float, device: str
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    lr: float,
+    device: str,
+    aux: VisualAux | None = None,
+    aux_weight: float = 0.0,
 ) -> float:
-    """One AdamW step on ``batch`` at learning rate ``lr`` (gradients clipped to norm 1); returns the loss."""
+    """One AdamW step on ``batch`` at learning rate ``lr`` (gradients clipped to norm 1); returns the
+    language-model loss (the auxiliary loss, where weighted in, is added to what is optimised only)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-    loss.backward()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    aux_labels = batch.pop("aux_labels")
+    loss = model(**batch).loss
+    total = loss + aux_weight * aux.loss(aux_labels) if aux is not None and aux_weight else loss
+    total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -238,9 +296,9 @@ def optimizer_step(
 
 def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[dict]:
     """Run ``cfg.steps`` optimizer steps in place on ``model``; return the log records."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
-    )
+    aux = VisualAux(model).to(cfg.device) if cfg.aux_weight else None
+    params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     watch = monitor_batches(processor, world.heldout_seeds(16, offset=900_000), (8, 64))
     log, smoothed = [], None
     model.train()
@@ -251,7 +309,8 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
             num_frames, batch = upcoming.result()
             if step + 1 < cfg.steps:
                 upcoming = prefetch.submit(step_batch, processor, cfg, step + 1)
-            loss = optimizer_step(model, optimizer, batch, learning_rate(step, cfg), cfg.device)
+            lr = learning_rate(step, cfg)
+            loss = optimizer_step(model, optimizer, batch, lr, cfg.device, aux, cfg.aux_weight)
             smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
             bar.set_postfix(loss=f"{smoothed:.3f}", frames=num_frames)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -379,6 +438,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         type=float,
         default=d.single_shape_fraction,
         help="share of the first steps that see one shape per clip (a curriculum)",
+    )
+    p.add_argument(
+        "--aux-weight",
+        type=float,
+        default=d.aux_weight,
+        help="weight of a training-only loss on the visual tokens (each token's shape and motion)",
     )
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out checks")
     p.add_argument("--final-eval-clips", type=int, default=d.final_eval_clips, help="0 skips the final eval")
