@@ -138,6 +138,28 @@ def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> Non
         assert counts <= shapes and (len(counts) > 1) == (len(shapes) > 1), (step, counts)
 
 
+def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
+    """The auxiliary labels follow the vision tower's token order: temporal patch, row, column."""
+    from jobs.train_demo_model import token_labels
+
+    for seed in range(5):
+        clip = world.make_clip(seed)
+        picks = world.segment_centres(clip.num_frames, 8)
+        labels = token_labels(clip, picks).reshape(4, 6, 6, 2)
+        frames = world.render_frames(clip, picks)
+        for g in range(4):
+            visible = [t for t in clip.tracks if t.appear <= picks[2 * g] < t.disappear]
+            assert int((labels[g, ..., 0] > 0).sum()) == len(visible)
+            for t in visible:
+                cx, cy = t.centre(picks[2 * g])
+                r, c = int(cy // 28), int(cx // 28)
+                assert labels[g, r, c].tolist() == [
+                    1 + world.SHAPES.index(t.shape),
+                    1 + world.MOTIONS.index(t.motion),
+                ]
+                assert tuple(frames[2 * g][int(cy), int(cx)]) == world.COLOURS[t.colour]  # the shape is there
+
+
 @pytest.mark.slow
 def test_training_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tmp_path / "model"
