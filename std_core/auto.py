@@ -137,8 +137,8 @@ class AutoPolicy:
 
     Dense-only rounds are measured once early, so γ = 0 is compared on measured time too. Where
     dense wins but StD could (at α = 1) still win, a short probe round re-measures acceptance every
-    ``costs.probe_every`` dense rounds; the interval doubles after every fully rejected probe (up to
-    16×) and resets after a probe with an accepted draft.
+    ``costs.probe_every`` dense rounds; the interval doubles after every probe that leaves dense the
+    better choice (up to 16×) and resets after one that makes drafting the better choice.
     """
 
     def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
@@ -162,10 +162,13 @@ class AutoPolicy:
         if gamma > 0:
             accepted = sum(o.accepted for o in outcomes)
             self.estimate.update(accepted, sum(o.rejections for o in outcomes))
-            if self.dense_rounds and gamma == min(_PROBE_GAMMA, self.gamma_max):
-                backed_off = min(16 * _PROBE_EVERY, 2 * self.costs.probe_every)
-                self.costs.probe_every = _PROBE_EVERY if accepted else backed_off
         self.costs.observe(gamma, seconds)
+        if gamma > 0 and self.dense_rounds and gamma == min(_PROBE_GAMMA, self.gamma_max):
+            # a probe that would not switch the policy to drafting counts as failed, even if a row
+            # of the batch accepted a draft by chance
+            switches = best_gamma(self.costs, self.estimate.alpha, self.gamma_max) > 0
+            backed_off = min(16 * _PROBE_EVERY, 2 * self.costs.probe_every)
+            self.costs.probe_every = _PROBE_EVERY if switches else backed_off
 
 
 def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int, int, int]:

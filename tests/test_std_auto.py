@@ -104,6 +104,18 @@ def test_probe_backoff_carries_over_to_the_next_call_on_the_same_costs() -> None
     assert probes_in(calls=1, rounds=64, accepted=True)[0] >= 1
 
 
+def test_a_probe_with_a_lucky_acceptance_still_backs_off() -> None:
+    """Eight rows, one of which accepts one draft by chance: dense stays better, so probes get rarer."""
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    shared = RoundCosts(costs)
+    policy = AutoPolicy(shared, gamma_max=9, prior_alpha=0.0)
+    lucky = [RowStats(2, 1, 2, 1, 1)] + [RowStats(1, 1, 2, 0, 1)] * 7
+    for _ in range(200):
+        gamma = policy.choose()
+        policy.record(lucky if gamma else [], gamma=gamma, seconds=shared.round_seconds(gamma))
+    assert shared.probe_every > 16 and policy.estimate.alpha < 0.2
+
+
 def test_measured_rounds_override_a_wrong_calibration() -> None:
     """A calibration that made drafts look as dear as dense steps is corrected by measured rounds."""
     wrong = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.04)
