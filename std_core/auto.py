@@ -72,6 +72,7 @@ class RoundCosts:
     calibrated: StepCosts
     observed: dict[int, float] = field(default_factory=dict)
     probe_every: int = _PROBE_EVERY  # dense rounds between probes (doubles after each failed probe)
+    _scale: float | None = field(default=None, init=False, repr=False)  # cached; reset by observe
 
     def round_seconds(self, gamma: int) -> float:
         if gamma in self.observed:
@@ -79,13 +80,16 @@ class RoundCosts:
         model = self.calibrated.round_seconds(gamma)
         if not self.observed:
             return model
-        return model * statistics.median(
-            t / self.calibrated.round_seconds(g) for g, t in self.observed.items()
-        )
+        if self._scale is None:  # computed once per round, not once per γ the policy compares
+            self._scale = statistics.median(
+                t / self.calibrated.round_seconds(g) for g, t in self.observed.items()
+            )
+        return model * self._scale
 
     def observe(self, gamma: int, seconds: float) -> None:
         old = self.observed.get(gamma)
         self.observed[gamma] = seconds if old is None else (1 - _EMA) * old + _EMA * seconds
+        self._scale = None
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
