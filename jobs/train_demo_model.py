@@ -137,9 +137,15 @@ def chroma_subsample(frames: np.ndarray) -> np.ndarray:
 
 
 def training_batch(
-    processor: object, seeds: list[int], num_frames: int, rng: np.random.Generator, single_shape: bool = False
+    processor: object,
+    seeds: list[int],
+    num_frames: int,
+    rng: np.random.Generator,
+    single_shape: bool = False,
+    with_aux: bool = False,
 ) -> dict:
-    """Processor outputs plus ``labels``: one multi-turn sequence per seed, ``num_frames`` frames each."""
+    """Processor outputs plus ``labels`` (and, ``with_aux``, the visual tokens' ``aux_labels``): one
+    multi-turn sequence per seed, ``num_frames`` frames each."""
     texts, videos, aux = [], [], []
     for seed in seeds:
         clip = world.make_clip(seed)
@@ -147,12 +153,14 @@ def training_batch(
             clip = dataclasses.replace(clip, tracks=clip.tracks[:1])
         picks = world.segment_centres(clip.num_frames, num_frames)
         frames = world.render_frames(clip, picks)
-        aux.append(token_labels(clip, picks))
+        if with_aux:
+            aux.append(token_labels(clip, picks))
         videos.append(chroma_subsample(frames) if rng.random() < 0.5 else frames)
         texts.append(processor.apply_chat_template(conversation(clip, rng), tokenize=False))
     batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     batch["labels"] = answer_labels(batch["input_ids"], processor.tokenizer)
-    batch["aux_labels"] = torch.cat(aux)
+    if with_aux:
+        batch["aux_labels"] = torch.cat(aux)
     return dict(batch)
 
 
@@ -213,7 +221,8 @@ def step_batch(processor: object, cfg: TrainConfig, step: int) -> tuple[int, dic
     count = max(1, cfg.clips_per_step * FRAME_COUNTS[0] // num_frames)
     first = cfg.seed * 10**8 + step * cfg.clips_per_step
     single = step < cfg.single_shape_fraction * cfg.steps
-    return num_frames, training_batch(processor, list(range(first, first + count)), num_frames, rng, single)
+    seeds = list(range(first, first + count))
+    return num_frames, training_batch(processor, seeds, num_frames, rng, single, with_aux=cfg.aux_weight > 0)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -284,7 +293,7 @@ def optimizer_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     batch = {k: v.to(device) for k, v in batch.items()}
-    aux_labels = batch.pop("aux_labels")
+    aux_labels = batch.pop("aux_labels", None)
     loss = model(**batch).loss
     total = loss + aux_weight * aux.loss(aux_labels) if aux is not None and aux_weight else loss
     total.backward()

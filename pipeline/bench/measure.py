@@ -3,8 +3,9 @@
 Variants (all greedy, same inputs, same model object):
 
 - ``std``: :class:`std_core.SparseToDenseDecoder` with fixed γ;
-- ``std_sink``: the same with ``selection="sink_window"`` (attention sinks plus the most recent prompt
-  tokens, the paper's comparison draft) instead of the text-guided top-K, at the same budget;
+- ``std_sink``: the same with ``selection="sink_window"`` (the first visual tokens as attention sinks
+  plus the most recent visual tokens, the paper's comparison draft) instead of the text-guided top-K,
+  at the same budget;
 - ``dense``: the same decoder with ``mode="dense"`` (plain one-token decoding through the same code);
 - ``auto``: ``mode="auto"`` (γ per round from measured step costs and the running acceptance);
 - ``hf``: plain ``model.generate``; ``hf_gqa``: the same with ``TRANSFORMERS_SDPA_FORCE_GQA=1``
