@@ -7,22 +7,32 @@ transformers only (no Ray, no storage, no printing).
     decoder = SparseToDenseDecoder(model, StdConfig(gamma=9, sparse_budget=1024))
     result = decoder.generate(**inputs, max_new_tokens=128)
     result.sequences, result.stats
+
+The names below load on first use, so ``std_core.config`` and ``std_core.stats`` (the config and the
+metric definitions a Ray driver needs) import without torch.
 """
 
-from std_core.config import StdConfig
-from std_core.decoder import GenerateResult, SparseToDenseDecoder
-from std_core.diagnostics import Divergence, first_divergence
-from std_core.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError
-from std_core.stats import DecodeStats, RowStats
+from __future__ import annotations
 
-__all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "DecodeStats",
-    "Divergence",
-    "GenerateResult",
-    "RowStats",
-    "SparseToDenseDecoder",
-    "StdConfig",
-    "UnsupportedModelError",
-    "first_divergence",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "StdConfig": "std_core.config",
+    "GenerateResult": "std_core.decoder",
+    "SparseToDenseDecoder": "std_core.decoder",
+    "Divergence": "std_core.diagnostics",
+    "first_divergence": "std_core.diagnostics",
+    "SUPPORTED_ARCHITECTURES": "std_core.models",
+    "UnsupportedModelError": "std_core.models",
+    "DecodeStats": "std_core.stats",
+    "RowStats": "std_core.stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'std_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

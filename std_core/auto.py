@@ -8,6 +8,11 @@ forwards that are rolled back) and are then replaced by what rounds of each γ a
 between the round's host syncs, so timing adds none); both are kept per model, device, dtype and shape
 bucket. α is the running estimate of the current batch, starting from what earlier batches of the
 same model saw. Whatever it picks, the output is the dense model's (every token is verified).
+
+The decoder sees only a :class:`RoundSchedule`: it asks it for each round's γ and tells it the round's
+outcomes. :class:`FixedSchedule` is ``mode="std"`` (γ every round) and ``mode="dense"`` (γ = 0);
+:class:`AutoSchedule` is ``mode="auto"`` and owns the per-model caches, the calibration call and the
+round timing.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-#: Drafted positions per round that auto considers, up to ``StdConfig.gamma``.
+from std_core.stats import RowStats
+
 _PROBE_EVERY = 16  # dense rounds between two short StD rounds that re-measure acceptance
 _PROBE_GAMMA = 2
 _PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
@@ -173,6 +180,85 @@ class AutoPolicy:
             switches = best_gamma(self.costs, self.estimate.alpha, self.gamma_max) > 0
             backed_off = min(16 * _PROBE_EVERY, 2 * self.costs.probe_every)
             self.costs.probe_every = _PROBE_EVERY if switches else backed_off
+
+
+class RoundSchedule(Protocol):
+    """What the decoder asks for each round's γ and tells each round's outcomes."""
+
+    def next_gamma(self, limit: int) -> int:
+        """γ of the next round, at most ``limit`` (the drafts the live rows can still use)."""
+        ...
+
+    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
+        """The round just rolled back: its γ and the live rows' counts."""
+        ...
+
+    def finish(self) -> None:
+        """The ``generate`` call is done."""
+        ...
+
+
+class FixedSchedule:
+    """The same γ every round: ``mode="std"`` (``StdConfig.gamma``) and ``mode="dense"`` (0)."""
+
+    def __init__(self, gamma: int) -> None:
+        self.gamma = gamma
+
+    def next_gamma(self, limit: int) -> int:
+        return min(self.gamma, limit)
+
+    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+# Per model (dropped with it): the round costs per (device, dtype, γ max, shape bucket), and the
+# acceptance the model's last call ended with (the next call's prior).
+_ROUND_COSTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, RoundCosts]] = (
+    weakref.WeakKeyDictionary()
+)
+_ACCEPTANCE: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+class AutoSchedule:
+    """``mode="auto"``: an :class:`AutoPolicy` over the model's shared :class:`RoundCosts`, timing each
+    round from the choice of γ to the record (the roll-back's host sync ends a round, so the wall time
+    is the round's and timing adds no sync)."""
+
+    def __init__(self, model: torch.nn.Module, policy: AutoPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self._start = 0.0  # perf_counter() when the current round's γ was chosen
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        gamma_max: int,
+        bucket: tuple[int, int, int],
+        calibrate: Callable[[], StepCosts],
+    ) -> AutoSchedule:
+        """The schedule of one call: round costs from the model's cache, else from ``calibrate()`` (a
+        short measurement on the call's own caches); the α prior from the model's last call."""
+        param = next(model.parameters())
+        per_model = _ROUND_COSTS.setdefault(model, {})
+        key = (str(param.device), str(param.dtype), gamma_max, bucket)
+        if key not in per_model:
+            per_model[key] = RoundCosts(calibrate())
+        return cls(model, AutoPolicy(per_model[key], gamma_max, _ACCEPTANCE.get(model, _DEFAULT_ALPHA)))
+
+    def next_gamma(self, limit: int) -> int:
+        gamma = min(self.policy.choose(), limit)
+        self._start = time.perf_counter()
+        return gamma
+
+    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
+        self.policy.record(list(outcomes), gamma, time.perf_counter() - self._start)
+
+    def finish(self) -> None:
+        _ACCEPTANCE[self.model] = self.policy.estimate.alpha
 
 
 def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int, int, int]:

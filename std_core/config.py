@@ -10,7 +10,10 @@ Vocabulary (used the same way everywhere in ``std_core``):
 - *verify*: one dense forward over ``[pending] + drafts`` (γ + 1 positions).
 - *accepted*: drafted tokens equal to (greedy) or accepted by the rejection rule against (sampling)
   the dense prediction, counted as the longest prefix.
-- *bonus*: the dense token that follows the accepted prefix; every round commits accepted + 1 tokens.
+- *bonus*: the one dense token every round commits after the accepted prefix, so a round commits
+  accepted + 1 tokens. vLLM's spec-decode vocabulary has two names for it: a *recovered* token
+  replaces the first rejected draft, a *bonus* token follows a fully accepted draft run. Our bonus is
+  either one; we do not use "recovered".
 - *round*: draft γ → verify → accept → roll back.
 - *sparse budget*: K + m_t, the number of prompt tokens the sparse cache keeps per (layer, KV head);
   m_t is the number of non-visual prompt tokens (always kept), K the number of visual tokens kept.

@@ -11,7 +11,8 @@ exactly as for plain decoding, then hands over. Then:
 3. **Rounds** until every row stops: *draft* γ tokens with the sparse cache, *verify*
    ``[pending] + drafts`` with the dense cache, *accept* the agreeing prefix plus the bonus token,
    and *roll back*: both caches keep exactly ``pending + accepted`` (the dense states of committed
-   tokens), per row. ``mode="dense"`` is the same loop with γ = 0.
+   tokens), per row. ``mode="dense"`` is the same loop with γ = 0; each round's γ comes from a
+   :class:`~std_core.auto.RoundSchedule` (fixed, or ``mode="auto"``'s).
 
 Rows are independent: each has its own accepted length, committed count and cache length, so one
 row's rejection never discards another row's accepted tokens.
@@ -19,8 +20,6 @@ row's rejection never discards another row's accepted tokens.
 
 from __future__ import annotations
 
-import time
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from std_core.acceptance import (
     sampling_agreement,
 )
 from std_core.attention import attention_phase, install
-from std_core.auto import AutoPolicy, RoundCosts, StepCosts, shape_bucket, time_forward
+from std_core.auto import AutoSchedule, FixedSchedule, RoundSchedule, StepCosts, shape_bucket, time_forward
 from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
@@ -43,11 +42,6 @@ from std_core.rows import Rows
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
 from std_core.stats import DecodeStats, PhaseTimer, RowStats
 from std_core.validation import validate_generate_inputs
-
-# Step costs measured by mode="auto", per model, then (device, dtype, shape bucket); and the acceptance
-# earlier batches of a model saw (the next batch's prior).
-_STEP_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ACCEPTANCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ class SparseToDenseDecoder:
         if max_new_tokens is not None:
             inputs["max_new_tokens"] = max_new_tokens
         with torch.inference_mode():
-            return self.model.generate(**inputs, custom_generate=_Decode(self, generator))
+            return self.model.generate(**inputs, custom_generate=_CustomGenerate(self, generator))
 
     def step_costs(self, *, repeats: int = 2, **inputs: object) -> StepCosts:
         """Measure, on these inputs, the seconds of a dense step, a draft step and a verify of γ + 1
@@ -92,18 +86,20 @@ class SparseToDenseDecoder:
             raise ValueError("step costs need the sparse cache: use mode='std' or 'auto'")
         inputs.setdefault("max_new_tokens", 2)
         with torch.inference_mode():
-            return self.model.generate(**inputs, custom_generate=_Decode(self, None, calibrate=repeats))
+            return self.model.generate(
+                **inputs, custom_generate=_CustomGenerate(self, None, calibrate=repeats)
+            )
 
 
-class _Decode:
-    """One ``generate`` call: the ``custom_generate`` callable and the per-call decode state."""
+@dataclass(frozen=True)
+class _CustomGenerate:
+    """The ``custom_generate`` callable: ``model.generate`` hands over its prepared inputs, logits
+    processors and stopping criteria; this decodes them, or with ``calibrate`` > 0 measures the step
+    costs (fastest of that many repeats) and generates nothing."""
 
-    def __init__(
-        self, decoder: SparseToDenseDecoder, generator: torch.Generator | None, calibrate: int = 0
-    ) -> None:
-        self.model, self.spec, self.config = decoder.model, decoder.spec, decoder.config
-        self.generator = generator
-        self.calibrate = calibrate  # > 0: measure step costs with this many repeats and stop
+    decoder: SparseToDenseDecoder
+    generator: torch.Generator | None
+    calibrate: int = 0
 
     def __call__(
         self,
@@ -116,41 +112,65 @@ class _Decode:
         streamer: object = None,
         **model_kwargs: object,
     ) -> GenerateResult | StepCosts:
-        prompt_len = input_ids.shape[1]
-        self.do_sample = bool(generation_config.do_sample)
-        self.gamma = 0 if self.config.mode == "dense" else self.config.gamma
-        self.timer = PhaseTimer(input_ids.device)
-        self.scorer = Scorer(logits_processor)
-        self.stop = StopRule(stopping_criteria, prompt_len, generation_config.max_length)
-        pad = generation_config._pad_token_tensor
-        self.pad_id = int(pad) if pad is not None else 0
-        valid = model_kwargs.get("attention_mask")
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
-        visual = torch.isin(input_ids, torch.tensor(self.spec.visual_token_ids, device=input_ids.device))
-        self.layout = PromptLayout.build(
-            valid, visual, self.config.sparse_budget, self.config.selection_queries
+        decode = _Decode(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
         )
+        return decode.measure_costs(self.calibrate) if self.calibrate else decode.run()
 
-        logits = self.prefill(input_ids, model_kwargs)
-        self.sparse = self.select() if self.gamma else None
-        self.base_positions = next_positions(self.spec, model_kwargs["position_ids"])
-        self.start_rows(input_ids, logits)
-        if self.calibrate:
-            return self.measure_costs(self.calibrate)
-        self.policy = self.auto_policy() if self.config.mode == "auto" else None
+
+class _Decode:
+    """One ``generate`` call: its whole state, set up (prefill, selection, first token) in
+    ``__init__``, and the round loop."""
+
+    def __init__(
+        self,
+        call: _CustomGenerate,
+        input_ids: torch.Tensor,  # [B, L] the prompt, left padded
+        logits_processor: object,
+        stopping_criteria: object,
+        generation_config: object,
+        model_kwargs: dict,
+    ) -> None:
+        spec, config = call.decoder.spec, call.decoder.config
+        self.model: torch.nn.Module = call.decoder.model
+        self.spec: ModelSpec = spec  # layers, KV heads, visual token ids, RoPE kind
+        self.config: StdConfig = config
+        self.generator = call.generator  # seeds every draw when sampling
+        self.do_sample = bool(generation_config.do_sample)  # rejection sampling; else greedy
+        self.gamma = 0 if config.mode == "dense" else config.gamma  # drafts per round (auto: the most)
+        self.timer = PhaseTimer(input_ids.device)  # seconds per phase, without host syncs
+        self.scorer = Scorer(logits_processor)  # generate's logits processors, per position
+        # where each row ends: generate's stopping criteria (max length, EOS, ...)
+        self.stop = StopRule(stopping_criteria, input_ids.shape[1], generation_config.max_length)
+        pad = generation_config._pad_token_tensor
+        pad_id = int(pad) if pad is not None else 0  # fills each row's output after its end
+        self.rows = Rows(input_ids, self.stop, pad_id, spare=self.gamma + 2)  # committed tokens, counts
+        # which prompt positions are real, visual, scoring text; how many the sparse cache keeps
+        self.layout = _prompt_layout(spec, config, input_ids, model_kwargs.get("attention_mask"))
+        capacity = input_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1
+        self.dense = SlotCache(spec.num_layers, capacity)  # every prompt and committed token
+        text_topk = self.gamma and config.selection == "text_topk"
+        # scores the visual tokens from the prefill's text queries (None: no sparse cache, sink_window)
+        self.observer = SelectionObserver(self.layout, self.timer) if text_topk else None
+        logits = self.prefill(input_ids, model_kwargs)  # [B, 1, V]
+        self.sparse = self.select() if self.gamma else None  # the kept prompt + committed tokens
+        self.sparse_behind = [0] * input_ids.shape[0]  # committed tokens not yet in the sparse cache
+        self.base_positions = next_positions(spec, model_kwargs["position_ids"])  # [R, B] first new token
+        self.round_gammas: list[int] = []  # γ of every round so far
+        self.pending = self.first_token(input_ids, logits)  # [B] last committed token, not yet cached
+        self.schedule: RoundSchedule = self.round_schedule(call.calibrate > 0)  # γ of each round
+
+    def run(self) -> GenerateResult:
+        """Rounds until every row stops."""
         while not self.rows.all_finished:
             self.round()
-        if self.policy is not None:
-            _ACCEPTANCE[self.model] = self.policy.estimate.alpha
+        self.schedule.finish()
         return GenerateResult(self.rows.sequences(), self.stats())
 
     # ------------------------------------------------------------------------------ prefill, select
     def prefill(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Dense prefill with the model's own attention; returns the last position's logits [B, 1, V]."""
         length = input_ids.shape[1]
-        self.dense = SlotCache(self.spec.num_layers, length + self.stop.max_new_tokens + self.gamma + 1)
-        text_topk = self.gamma and self.config.selection == "text_topk"
-        self.observer = SelectionObserver(self.layout, self.timer) if text_topk else None
         model_kwargs["past_key_values"] = self.dense
         with self.timer.phase("prefill"), attention_phase("prefill", self.observer):
             inputs = self.model.prepare_inputs_for_generation(
@@ -175,16 +195,20 @@ class _Decode:
             capacity = kept + self.stop.max_new_tokens + self.gamma + 1
             return SlotCache.gathered(self.dense, index, starts, capacity)
 
-    # ----------------------------------------------------------------------------------- row state
-    def start_rows(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
-        """Commit the first token (from the prefill logits) of every row."""
-        self.rows = Rows(input_ids, self.stop, self.pad_id, spare=self.gamma + 2)
-        self.round_gammas: list[int] = []
+    def first_token(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Commit every row's first token (from the prefill logits); returns it ``[B]``."""
         scores = self.scorer(logits, self.rows.tokens, self.rows.lengths(), input_ids[:, :0])
         first = self.pick(scores[:, 0])
         self.rows.commit(first[:, None].cpu(), [0] * len(first))
-        self.pending = first
-        self.sparse_behind = [0] * len(first)  # committed tokens not yet copied into the sparse cache
+        return first
+
+    def round_schedule(self, calibrating: bool) -> RoundSchedule:
+        """γ per round: fixed for mode std and dense (and when calibrating, which runs no round);
+        auto's from the model's cached round costs, calibrated on this call's caches if missing."""
+        if self.config.mode != "auto" or calibrating:
+            return FixedSchedule(self.gamma)
+        bucket = shape_bucket(len(self.pending), self.dense.max_cursor(), self.sparse.max_cursor())
+        return AutoSchedule.for_model(self.model, self.gamma, bucket, calibrate=self.measure_costs)
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """The next token from processed scores ``[B, V]``: argmax, or a draw when sampling."""
@@ -194,21 +218,19 @@ class _Decode:
 
     # ---------------------------------------------------------------------------------- the round
     def round(self) -> None:
-        gamma = min(self.gamma if self.policy is None else self.policy.choose(), self.rows.remaining() - 1)
-        start = time.perf_counter()
-        if gamma and any(self.sparse_behind):  # dense-only rounds left the sparse cache behind
-            self.sparse.append_from(self.dense, self.sparse_behind)
-            self.sparse_behind = [0] * len(self.sparse_behind)
-        uniforms = self.uniforms(gamma)
+        """One round of the paper, for every live row at once."""
+        gamma = self.schedule.next_gamma(self.rows.remaining() - 1)  # choose γ (within the token budget)
+        uniforms = self.uniforms(gamma)  # sampling: the acceptance rule's u ~ U(0, 1), [B, γ]
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
         p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
         accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
-        outcomes = self.roll_back(drafts, accepted, bonus, gamma)  # 4. keep pending + accepted
-        if self.policy is not None:  # roll_back synchronised: the wall time is the round's
-            self.policy.record(outcomes, gamma, time.perf_counter() - start)
+        outcomes = self.roll_back(drafts, accepted, bonus, gamma)  # 4. roll back to pending + accepted
+        self.schedule.record(gamma, outcomes)
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
+        if gamma:
+            self.catch_up_sparse()
         drafts = self.pending.new_empty((self.pending.shape[0], gamma))
         q = []
         token = self.pending[:, None]
@@ -223,6 +245,13 @@ class _Decode:
                     drafts[:, i] = scores.argmax(dim=-1)
                 token = drafts[:, i : i + 1]
         return drafts, (torch.stack(q, dim=1) if q else None)
+
+    def catch_up_sparse(self) -> None:
+        """Copy into the sparse cache the committed tokens that dense-only rounds (γ = 0, ``mode="auto"``)
+        left out of it, so a draft attends to every committed token."""
+        if any(self.sparse_behind):
+            self.sparse.append_from(self.dense, self.sparse_behind)
+            self.sparse_behind = [0] * len(self.sparse_behind)
 
     def verify(
         self, drafts: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
@@ -276,7 +305,8 @@ class _Decode:
         self, drafts: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor, gamma: int
     ) -> list[RowStats]:
         """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``
-        (the sparse cache lazily after a dense-only round). Returns the live rows' round counts."""
+        (the sparse cache lazily after a dense-only round: see :meth:`catch_up_sparse`). Returns the
+        live rows' round counts."""
         new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
         host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
         self.round_gammas.append(gamma)
@@ -291,17 +321,7 @@ class _Decode:
         self.pending = bonus
         return outcomes
 
-    # ----------------------------------------------------------------------------------- mode="auto"
-    def auto_policy(self) -> AutoPolicy:
-        """The round policy: step costs from the cache or a short calibration, α prior from earlier calls."""
-        param = next(self.model.parameters())
-        bucket = shape_bucket(len(self.pending), self.dense.max_cursor(), self.sparse.max_cursor())
-        per_model = _STEP_COSTS.setdefault(self.model, {})
-        key = (str(param.device), str(param.dtype), self.gamma, bucket)
-        if key not in per_model:
-            per_model[key] = RoundCosts(self.measure_costs())
-        return AutoPolicy(per_model[key], self.gamma, _ACCEPTANCE.get(self.model, 0.6))
-
+    # ------------------------------------------------------------------------------------ step costs
     def measure_costs(self, repeats: int = 3) -> StepCosts:
         """Step costs of this call's own caches (each timed forward is rolled back at once)."""
 
@@ -334,12 +354,14 @@ class _Decode:
         return out.logits
 
     def uniforms(self, gamma: int) -> torch.Tensor | None:
+        """``[B, γ]`` uniform draws for the acceptance rule when sampling; None when greedy or γ = 0."""
         if not self.do_sample or gamma == 0:
             return None
         shape = (self.pending.shape[0], gamma)
         return torch.rand(shape, generator=self.generator, device=self.pending.device)
 
     def stats(self) -> DecodeStats:
+        """The call's per-row counts, phase seconds and cache sizes."""
         seconds = self.timer.seconds()
         select = seconds.get("select", 0.0)
         prefill_select = select if self.observer is not None else 0.0
@@ -359,3 +381,12 @@ class _Decode:
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
         )
+
+
+def _prompt_layout(
+    spec: ModelSpec, config: StdConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> PromptLayout:
+    """Which prompt positions are real, which visual, which text scores them, and how many are kept."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    visual = torch.isin(input_ids, torch.tensor(spec.visual_token_ids, device=input_ids.device))
+    return PromptLayout.build(valid, visual, config.sparse_budget, config.selection_queries)

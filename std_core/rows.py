@@ -80,5 +80,5 @@ def _round_counts(count: int, accepted: int, usable: int, ended_in_drafts: bool)
     which it could use ``usable`` (its remaining budget). A row that stopped at an accepted draft
     (end-of-sequence) drafted only up to there and was not rejected."""
     if ended_in_drafts:
-        return RowStats(count, 1, count, count, 0)
-    return RowStats(count, 1, usable, min(accepted, usable), int(accepted < usable))
+        return RowStats(count, 1, count, count, 0, committed=count)
+    return RowStats(count, 1, usable, min(accepted, usable), int(accepted < usable), committed=count)

@@ -1,11 +1,23 @@
 """Decode statistics, counted once per round on the host, and a phase timer that does not sync.
 
-Vocabulary (as in vLLM's spec-decode metrics): per round a row *drafts* γ tokens, *accepts* the
+Vocabulary (that of :mod:`std_core.config`): per round a row *drafts* γ tokens, *accepts* the
 longest agreeing prefix of them, and gains one *bonus* token from the verify, so a round commits
-``accepted + 1`` tokens. ``mean_accepted_per_round`` includes the bonus; ``acceptance_rate`` does not
-(accepted / drafted). Drafts a row could not use are not counted as drafted: those past its token
-budget, and those after an end-of-sequence token it accepted. A *rejection* is a round that ended
-at a disagreeing draft.
+``accepted + 1`` tokens. Our bonus is what vLLM's spec-decode metrics call a *recovered* token (after a
+rejected draft) or a *bonus* token (after a fully accepted draft run); like vLLM's mean acceptance
+length, ``mean_accepted_per_round`` includes it; ``acceptance_rate`` does not (accepted / drafted).
+Drafts a row could not use are not counted as drafted: those past its token budget, and those after
+an end-of-sequence token it accepted. A *rejection* is a round that ended at a disagreeing draft.
+
+The metrics are defined once, here, as functions of summable counts, so a row, a batch, a run and a
+benchmark all compute them the same way (:class:`RowStats` sums; ``RowStats.from_columns`` reads a
+result row's columns back):
+
+- :func:`acceptance_rate` = accepted / drafted;
+- :func:`mean_accepted_per_round` = tokens the rounds committed / rounds (the first token of a row
+  comes from the prefill and belongs to no round);
+- :func:`tokens_per_second` = tokens / seconds.
+
+Each returns ``None`` where its denominator is 0 (nothing to measure).
 """
 
 from __future__ import annotations
@@ -13,10 +25,26 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a CUDA timer needs it: the metrics above import nothing heavy
+    import torch
+
+
+def acceptance_rate(accepted: int, drafted: int) -> float | None:
+    """Accepted drafts / drafted tokens (the bonus token is not a draft)."""
+    return accepted / drafted if drafted else None
+
+
+def mean_accepted_per_round(committed: int, rounds: int) -> float | None:
+    """Tokens committed per round, bonus included (1.0 for dense decoding)."""
+    return committed / rounds if rounds else None
+
+
+def tokens_per_second(tokens: float, seconds: float) -> float | None:
+    return tokens / seconds if seconds > 0 else None
 
 
 @dataclass(frozen=True)
@@ -29,10 +57,26 @@ class RowStats:
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0
+    committed: int = 0  # tokens the rounds committed (generated minus the prefill's token, when any)
+
+    @classmethod
+    def from_columns(cls, row: Mapping[str, Any]) -> RowStats:
+        """The counts of one result row (``generated_tokens``, ``rounds``, ``drafted_tokens``,
+        ``accepted_tokens``; ``rejections`` where present); missing or null counts are 0."""
+        generated, rounds = row.get("generated_tokens") or 0, row.get("rounds") or 0
+        return cls(
+            generated=generated,
+            rounds=rounds,
+            drafted=row.get("drafted_tokens") or 0,
+            accepted=row.get("accepted_tokens") or 0,
+            rejections=row.get("rejections") or 0,
+            committed=max(generated - 1, 0) if rounds else 0,
+        )
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """:func:`acceptance_rate`, 0.0 when nothing was drafted."""
+        return acceptance_rate(self.accepted, self.drafted) or 0.0
 
     @property
     def alpha(self) -> float:
@@ -43,8 +87,8 @@ class RowStats:
 
     @property
     def mean_accepted_per_round(self) -> float:
-        """Tokens committed per round, bonus included (1.0 for dense decoding)."""
-        return (self.generated - 1) / self.rounds if self.rounds else 0.0
+        """:func:`mean_accepted_per_round`, 0.0 when no round ran."""
+        return mean_accepted_per_round(self.committed, self.rounds) or 0.0
 
     def __add__(self, other: RowStats) -> RowStats:
         return RowStats(
@@ -53,6 +97,7 @@ class RowStats:
             self.drafted + other.drafted,
             self.accepted + other.accepted,
             self.rejections + other.rejections,
+            self.committed + other.committed,
         )
 
 
@@ -134,6 +179,8 @@ class PhaseTimer:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self.device.type == "cuda":
+            import torch
+
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             try:
@@ -152,6 +199,8 @@ class PhaseTimer:
         """Total seconds per phase (synchronises once on CUDA)."""
         out = dict(self._cpu)
         if self._events:
+            import torch
+
             torch.cuda.synchronize(self.device)
             for name, pairs in self._events.items():
                 out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1000.0

@@ -1,13 +1,17 @@
-"""The auto policy's cost model: expected tokens, the best γ, break-even acceptance, the estimate."""
+"""The auto policy's cost model: expected tokens, the best γ, break-even acceptance, the estimate;
+and the round schedules the decoder asks for γ."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from std_core import RowStats
 from std_core.auto import (
     AcceptanceEstimate,
     AutoPolicy,
+    AutoSchedule,
+    FixedSchedule,
     RoundCosts,
     StepCosts,
     best_gamma,
@@ -132,3 +136,35 @@ def test_unmeasured_rounds_scale_with_the_measured_ones() -> None:
     costs = RoundCosts(StepCosts(dense_step=1.0, draft_step=0.1, verify_base=1.0, verify_per_token=0.0))
     costs.observe(0, 2.0)  # everything runs twice as slow as calibrated (a busy machine)
     assert costs.round_seconds(3) == 2 * (3 * 0.1 + 1.0)
+
+
+def test_fixed_schedule_keeps_gamma_within_the_limit() -> None:
+    schedule = FixedSchedule(9)
+    assert [schedule.next_gamma(limit) for limit in (20, 9, 3, 0)] == [9, 9, 3, 0]
+    assert FixedSchedule(0).next_gamma(5) == 0  # mode="dense"
+
+
+def test_auto_schedule_calibrates_once_per_model_and_carries_alpha_over() -> None:
+    """The round costs are cached per model and shape bucket; a call's final α is the next call's prior."""
+    model = torch.nn.Linear(2, 2)
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    calls: list[int] = []
+
+    def calibrate() -> StepCosts:
+        calls.append(1)
+        return costs
+
+    first = AutoSchedule.for_model(model, 9, (2, 64, 16), calibrate)
+    assert first.policy.estimate.alpha == pytest.approx(0.6)  # no earlier call: the default prior
+    assert first.next_gamma(9) == 0  # the first round measures dense
+    first.record(0, [])
+    for _ in range(20):
+        first.record(2, [RowStats(3, 1, 2, 2, 0, committed=3)])  # fully accepted rounds
+    first.finish()
+    second = AutoSchedule.for_model(model, 9, (2, 64, 16), calibrate)
+    assert len(calls) == 1 and second.policy.costs is first.policy.costs
+    assert second.policy.estimate.alpha == pytest.approx(first.policy.estimate.alpha)
+    assert second.policy.estimate.alpha > 0.9
+    AutoSchedule.for_model(model, 9, (2, 128, 16), calibrate)  # another shape bucket calibrates again
+    AutoSchedule.for_model(torch.nn.Linear(2, 2), 9, (2, 64, 16), calibrate)  # so does another model
+    assert len(calls) == 3

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models as tm
 import torch
 
 from std_core import SparseToDenseDecoder, StdConfig, first_divergence
+from tests import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import tiny_models as tm
 import torch
 
 from std_core import SparseToDenseDecoder, StdConfig
 from std_core import decoder as decoder_module
+from tests import tiny_models as tm
 
 MAX_NEW = 40
 PROMPTS = [

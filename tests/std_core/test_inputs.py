@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models as tm
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from std_core import SUPPORTED_ARCHITECTURES, SparseToDenseDecoder, StdConfig, UnsupportedModelError
+from tests import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import tiny_models as tm
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from std_core import SparseToDenseDecoder, StdConfig
 from std_core.acceptance import accepted_length, residual_distribution, sample, sampling_agreement
 from std_core.diagnostics import _teacher_forced_logits
+from tests import tiny_models as tm
 
 
 def _one_position(p: torch.Tensor, q: torch.Tensor, trials: int, seed: int) -> torch.Tensor:

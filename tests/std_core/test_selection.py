@@ -8,13 +8,13 @@ observer provably scores with the prefill's own post-RoPE queries and keys.
 from __future__ import annotations
 
 import pytest
-import tiny_models as tm
 import torch
 
 from std_core.attention import attention_phase, install
 from std_core.kv_cache import SlotCache
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores, visual_scores
 from std_core.stats import PhaseTimer
+from tests import tiny_models as tm
 
 
 def _layout(
