@@ -1,8 +1,18 @@
-"""The flags every job shares, generated from :class:`pipeline.config.PipelineConfig`.
+"""The flags of every job, generated from a frozen config dataclass, and the way a job ends.
 
-Each config field is one ``--flag`` (underscores become dashes) with the field's help text, its type,
-and its allowed values as ``choices``, so an unknown value fails in argparse, before anything runs.
-A job may hide fields (``fixed``: values it sets itself) or change defaults.
+Each field of a config class (``PipelineConfig``, ``DecoderBenchConfig``, ``PipelineBenchConfig``,
+``TrainConfig``) is one ``--flag``, from the field's metadata (``pipeline.config.flag``): its help text
+and its name (the field's, underscores as dashes, unless the metadata names it). The field's type gives
+the rest, so an unknown value fails in argparse, before anything runs:
+
+- ``int`` / ``float`` / ``str`` (or ``X | None``): a value of that type;
+- ``Literal[...]``: one of its values (``choices``);
+- ``bool``: a switch (``store_true``);
+- ``tuple[X, ...]``: one or more values (``nargs="+"``), handed to the config as a tuple.
+
+A job may hide fields (``fixed``: values it sets itself) or change defaults. Every parser also has
+``--log-level``; :func:`run_main` configures logging from it, runs the job's one library call and prints
+its result as the last stdout line (one JSON object). Everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,69 +20,190 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
+import types
 import typing
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
-from pipeline.config import DECODERS, DTYPES, IF_EXISTS, TASKS, PipelineConfig
 from pipeline.errors import PipelineError
 
-CHOICES = {"task": TASKS, "decoder": DECODERS, "if_exists": IF_EXISTS, "dtype": DTYPES}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PROJECT_LOGGERS = ("jobs", "pipeline", "std_core")  # at --log-level; other libraries: warnings and up
+log = logging.getLogger(__name__)
 
 
-def build_parser(
-    prog: str, description: str, fixed: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+@dataclasses.dataclass(frozen=True)
+class FlagSpec:
+    """How one config field reads from the command line."""
+
+    type: Callable[[str], Any]
+    choices: tuple | None = None
+    nargs: str | None = None  # "+": a tuple field
+    switch: bool = False  # a bool field
+
+
+def flag_spec(hint: Any) -> FlagSpec:
+    """The argparse shape of a field's type (see the module docstring); TypeError for anything else."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"a flag's type is one type or that type | None, got {hint!r}")
+        return flag_spec(inner[0])
+    if hint is bool:
+        return FlagSpec(type=bool, switch=True)
+    if hint in (int, float, str):
+        return FlagSpec(type=hint)
+    if typing.get_origin(hint) is Literal:
+        return FlagSpec(type=type(args[0]), choices=args)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = flag_spec(args[0])
+        if item.switch or item.nargs:
+            raise TypeError(f"tuple flags hold scalars, got {hint!r}")
+        return dataclasses.replace(item, nargs="+")
+    raise TypeError(f"no flag for a field of type {hint!r}")
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """``--budget`` for a field whose metadata names it, else ``--sparse-budget`` for ``sparse_budget``."""
+    return "--" + field.metadata.get("flag", field.name).replace("_", "-")
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    config_cls: type,
+    fixed: Iterable[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per PipelineConfig field, except those in ``fixed``."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    hints = typing.get_type_hints(PipelineConfig)
-    for field in dataclasses.fields(PipelineConfig):
-        if field.name in (fixed or {}):
+    """One flag per field of the dataclass ``config_cls``, except those named in ``fixed`` (a job's own
+    values: a dict's keys count); returns ``parser``."""
+    hints, hidden = typing.get_type_hints(config_cls), set(fixed or ())
+    for field in dataclasses.fields(config_cls):
+        if field.name in hidden:
             continue
+        spec = flag_spec(hints[field.name])
         default = (defaults or {}).get(field.name, field.default)
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata.get("help", "")
-        if hints[field.name] is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": default,
+            "help": field.metadata.get("help", ""),
+        }
+        if spec.switch:
+            action = "store_true" if not default else argparse.BooleanOptionalAction
+            parser.add_argument(flag_name(field), action=action, **kwargs)
             continue
+        metavar = None if spec.choices else flag_name(field)[2:].replace("-", "_").upper()
         parser.add_argument(
-            flag,
-            type=_scalar_type(hints[field.name]),
-            default=default,
-            choices=CHOICES.get(field.name),
-            help=help_text,
-            metavar=None if field.name in CHOICES else field.name.upper(),
+            flag_name(field),
+            type=spec.type,
+            choices=spec.choices,
+            nargs=spec.nargs,
+            metavar=metavar,
+            **kwargs,
         )
     return parser
 
 
-def _scalar_type(hint: Any) -> Callable[[str], Any]:
-    """``int`` for ``int | None``, ``float`` for ``float``, ``str`` for strings and Literals."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
-    return base if base in (int, float) else str
+def add_log_level(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="Messages on stderr at this level and above (stdout only ever holds the final JSON line).",
+    )
+    return parser
 
 
-def config_from_args(args: argparse.Namespace, fixed: dict[str, Any] | None = None) -> PipelineConfig:
-    """The PipelineConfig of parsed flags plus a job's fixed values (ValueError if invalid)."""
+def build_parser(
+    config_cls: type,
+    prog: str,
+    description: str,
+    fixed: Iterable[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> argparse.ArgumentParser:
+    """A parser with one flag per field of ``config_cls`` (except ``fixed``), plus ``--log-level``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    return add_log_level(add_config_flags(parser, config_cls, fixed, defaults))
+
+
+def build_command_parser(
+    prog: str, description: str, commands: Mapping[str, tuple[type, str]]
+) -> argparse.ArgumentParser:
+    """A parser of subcommands, ``{name: (config class, help)}``; the chosen name is ``args.command``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (config_cls, help_text) in commands.items():
+        command = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_log_level(add_config_flags(command, config_cls))
+    return parser
+
+
+def config_from_args(
+    config_cls: type, args: argparse.Namespace, fixed: Mapping[str, Any] | None = None
+) -> Any:
+    """The ``config_cls`` of parsed flags plus a job's fixed values (its ``__post_init__`` may raise
+    ValueError). Fields without a flag in ``args`` keep their defaults; lists of ``nargs`` flags
+    become tuples."""
     values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig) if hasattr(args, f.name)
+        f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+        for f in dataclasses.fields(config_cls)
+        if hasattr(args, f.name)
     }
-    return PipelineConfig(**{**values, **(fixed or {})})
+    return config_cls(**{**values, **(fixed or {})})
 
 
-def run_main(body: Callable[[], dict]) -> int:
-    """Run a job body; print its result as the last stdout line (one JSON object).
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler sets it; the property always reads sys.stderr
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """The bare message; ``warning: `` / ``error: `` in front of those."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(level: str = "info") -> None:
+    """One stderr handler on the root logger; this project's loggers at ``level``, other libraries at
+    warning (or ``level``, if higher). Calling it again replaces the handler, never adds a second."""
+    numeric = getattr(logging, level.upper())
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.WARNING))
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
+
+
+def run_main(body: Callable[[], dict], log_level: str = "info") -> int:
+    """Configure logging, run a job's body; print its result as the last stdout line (one JSON object).
 
     Exit codes: 0 done; 1 the run finished with fewer rows than items (``"status": "incomplete"``);
     2 a PipelineError or invalid config, with the reason on stderr and in the JSON line."""
+    configure_logging(log_level)
     try:
         result = body()
     except (PipelineError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         print(json.dumps({"status": "error", "error": str(exc)}))
         return 2
     print(json.dumps(result, default=str))

@@ -15,15 +15,16 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import build_parser, config_from_args, run_main
+from pipeline.config import PipelineConfig
 from pipeline.run import run_pipeline
 
 FIXED = {"if_exists": "resume"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("python -m jobs.annotate", __doc__.splitlines()[0], fixed=FIXED)
+    parser = build_parser(PipelineConfig, "python -m jobs.annotate", __doc__.splitlines()[0], fixed=FIXED)
     args = parser.parse_args(argv)
-    return run_main(lambda: run_pipeline(config_from_args(args, fixed=FIXED)))
+    return run_main(lambda: run_pipeline(config_from_args(PipelineConfig, args, fixed=FIXED)), args.log_level)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import build_parser, config_from_args, run_main
+from pipeline.config import PipelineConfig
 from pipeline.run import run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("python -m jobs.caption", __doc__.splitlines()[0])
+    parser = build_parser(PipelineConfig, "python -m jobs.caption", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    return run_main(lambda: run_pipeline(config_from_args(args)))
+    return run_main(lambda: run_pipeline(config_from_args(PipelineConfig, args)), args.log_level)
 
 
 if __name__ == "__main__":

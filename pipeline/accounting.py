@@ -3,9 +3,8 @@
 Metrics are computed once, from the rows the run wrote (never from a side channel), so the summary
 always agrees with the Parquet files:
 
-- ``acceptance_rate`` = accepted / drafted tokens; ``mean_accepted_per_round`` = tokens committed per
-  round, the bonus token included (as ``std_core.RowStats`` defines it: (generated - 1) / rounds, the
-  first token coming from the prefill); 1.0 for dense decoding;
+- ``acceptance_rate``, ``mean_accepted_per_round`` and ``generated_tokens_per_s``: the definitions of
+  ``std_core.stats``, over the sum of the ok rows' counts (``RowStats.from_columns``);
 - ``speedup`` = dense / StD decode seconds, summed over the rows that had a dense re-run (the dense
   sample), so both sides decoded exactly the same inputs on the same actor;
 - ``gpu_seconds_per_video`` = GPUs held (actors × GPUs per actor) × wall seconds / videos: what the run
@@ -14,15 +13,17 @@ always agrees with the Parquet files:
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
 
 import pyarrow as pa
 
 from pipeline.schema import STATUS_OK
+from std_core.stats import RowStats, acceptance_rate, mean_accepted_per_round, tokens_per_second
+
+log = logging.getLogger(__name__)
 
 _SUMS = ("visual_tokens", "prompt_tokens", "generated_tokens", "drafted_tokens", "accepted_tokens", "rounds")
 
@@ -37,7 +38,7 @@ class RunAccounting:
     rows_error: int = 0
     frames: int = 0
     sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SUMS, 0))
-    committed_in_rounds: int = 0  # tokens that rounds committed: generated - 1 (the prefill's token)
+    counts: RowStats = field(default_factory=RowStats)  # decode counts of the ok rows, summed
     decode_seconds: float = 0.0
     sampled_std_seconds: float = 0.0
     sampled_dense_seconds: float = 0.0
@@ -63,8 +64,7 @@ class RunAccounting:
         self.rows_ok += 1
         for name in _SUMS:
             self.sums[name] += row[name] or 0
-        if row["rounds"]:
-            self.committed_in_rounds += (row["generated_tokens"] or 1) - 1
+        self.counts += RowStats.from_columns(row)
         self.decode_seconds += row["decode_seconds"] or 0.0
         if row["dense_decode_seconds"] is not None:
             self.sampled_rows += 1
@@ -86,16 +86,16 @@ class RunAccounting:
     def progress_line(self) -> str:
         elapsed = time.perf_counter() - self.started
         rate = self.videos / elapsed if elapsed > 0 else 0.0
+        tokens_rate = tokens_per_second(self.counts.generated, elapsed) or 0.0
         return (
             f"[progress] rows {self.rows}/{self.expected_rows} (ok {self.rows_ok}, error {self.rows_error}) "
-            f"videos {self.videos} | {rate:.2f} videos/s | "
-            f"{self.sums['generated_tokens'] / elapsed if elapsed > 0 else 0.0:.1f} tokens/s | {elapsed:.0f}s"
+            f"videos {self.videos} | {rate:.2f} videos/s | {tokens_rate:.1f} tokens/s | {elapsed:.0f}s"
         )
 
     def summary(self, gpus_held: float) -> dict:
         """The run's numbers (add run metadata before writing it)."""
         wall = time.perf_counter() - self.started
-        drafted, accepted, rounds = (self.sums[k] for k in ("drafted_tokens", "accepted_tokens", "rounds"))
+        counts = self.counts
         return {
             "videos": self.videos,
             "rows": self.rows,
@@ -105,12 +105,12 @@ class RunAccounting:
             **self.sums,
             "wall_seconds": round(wall, 3),
             "videos_per_s": _ratio(self.videos, wall),
-            "generated_tokens_per_s": _ratio(self.sums["generated_tokens"], wall),
+            "generated_tokens_per_s": _rounded(tokens_per_second(counts.generated, wall)),
             "decode_seconds": round(self.decode_seconds, 4),
             "decode_seconds_per_video": _ratio(self.decode_seconds, self.videos),
             "gpu_seconds_per_video": _ratio(gpus_held * wall, self.videos) if gpus_held else None,
-            "acceptance_rate": _ratio(accepted, drafted),
-            "mean_accepted_per_round": _ratio(self.committed_in_rounds, rounds),
+            "acceptance_rate": _rounded(acceptance_rate(counts.accepted, counts.drafted)),
+            "mean_accepted_per_round": _rounded(mean_accepted_per_round(counts.committed, counts.rounds)),
             "dense_sample_rows": self.sampled_rows,
             "dense_match_rate": _ratio(self.sampled_matches, self.sampled_rows),
             "speedup": _ratio(self.sampled_dense_seconds, self.sampled_std_seconds),
@@ -120,23 +120,24 @@ class RunAccounting:
 
 
 class Progress:
-    """Prints :meth:`RunAccounting.progress_line` to stderr at most every ``interval`` seconds."""
+    """Logs :meth:`RunAccounting.progress_line` (level INFO) at most every ``interval`` seconds."""
 
-    def __init__(
-        self, accounting: RunAccounting, interval: float = 5.0, stream: TextIO | None = None
-    ) -> None:
+    def __init__(self, accounting: RunAccounting, interval: float = 5.0) -> None:
         self.accounting, self.interval = accounting, interval
-        self.stream = stream or sys.stderr
         self._last = -math.inf  # the first rows are reported at once
         self._last_rows = -1
 
     def update(self, force: bool = False) -> None:
-        """Print now if ``interval`` has passed (or ``force``), unless nothing changed since the last line."""
+        """Log now if ``interval`` has passed (or ``force``), unless nothing changed since the last line."""
         now = time.perf_counter()
         if (force or now - self._last >= self.interval) and self.accounting.rows != self._last_rows:
             self._last, self._last_rows = now, self.accounting.rows
-            print(self.accounting.progress_line(), file=self.stream, flush=True)
+            log.info(self.accounting.progress_line())
 
 
 def _ratio(num: float, den: float) -> float | None:
     return round(num / den, 4) if den else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

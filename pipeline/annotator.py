@@ -27,10 +27,11 @@ import pyarrow as pa
 import torch
 
 from pipeline.models import load_model, resolve_model
-from pipeline.prompts import parse_mcq_answer
+from pipeline.prompts import chat_prompt, parse_mcq_answer
 from pipeline.schema import STATUS_ERROR, STATUS_OK, to_table
 from pipeline.sources import Item, items_from_json
 from pipeline.storage import StorageOptions
+from std_core.config import StdConfig
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,7 @@ class AnnotatorSettings:
     model_label: str
     run_id: str
     storage: StorageOptions = field(default_factory=StorageOptions)
-    decoder: str = "std"
-    gamma: int = 9
-    sparse_budget: int = 1024
+    std: StdConfig = field(default_factory=StdConfig)  # the decoder's configuration
     dense_sample: int = 1
     dtype: str = "auto"
     max_new_tokens: int = 128
@@ -66,16 +65,14 @@ class Annotator:
     """Callable class for ``map_batches``: loads the model once, turns video batches into result rows."""
 
     def __init__(self, settings: AnnotatorSettings) -> None:
-        from std_core import SparseToDenseDecoder, StdConfig
+        from std_core import SparseToDenseDecoder
 
         self.settings = settings
         self.device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
         path = resolve_model(settings.model, settings.storage)
         self.model, self.processor = load_model(path, settings.dtype, self.device)
-        std = StdConfig(mode=settings.decoder, gamma=settings.gamma, sparse_budget=settings.sparse_budget)
-        self.decoder = SparseToDenseDecoder(self.model, std)
+        self.decoder = SparseToDenseDecoder(self.model, settings.std)
         self.dense = SparseToDenseDecoder(self.model, StdConfig(mode="dense"))
-        self.video_token_id = _video_token_id(self.model.config)
         self.batches_done = 0
         self._warm_up()
 
@@ -95,7 +92,7 @@ class Annotator:
             base = {
                 "num_frames": int(batch["num_frames"][i]),
                 "frame_seconds": float(batch["frame_seconds"][i]),
-                "decoder": self.settings.decoder,
+                "decoder": self.settings.std.mode,
                 "model": self.settings.model_label,
                 "run_id": self.settings.run_id,
             }
@@ -106,7 +103,7 @@ class Annotator:
                 else:
                     work.append(_Work(item, np.array(batch["frames"][i]), base))  # a writable copy
         sample = self.settings.dense_sample
-        compare = self.settings.decoder != "dense" and (sample < 0 or self.batches_done < sample)
+        compare = self.settings.std.mode != "dense" and (sample < 0 or self.batches_done < sample)
         step = self.settings.max_items_per_call
         for start in range(0, len(work), step):
             rows += self._run_safely(work[start : start + step], compare)
@@ -141,7 +138,7 @@ class Annotator:
                     **one.base,
                     **_answer_columns(one.item, texts[i].strip()),
                     "status": STATUS_OK,
-                    "visual_tokens": int((inputs["input_ids"][i] == self.video_token_id).sum()),
+                    "visual_tokens": result.stats.visual_tokens[i],
                     "prompt_tokens": int(inputs["attention_mask"][i].sum()),
                     "generated_tokens": row_stats.generated,
                     "drafted_tokens": row_stats.drafted,
@@ -157,17 +154,13 @@ class Annotator:
 
     def inputs(self, work: list[_Work]) -> dict:
         """Processor inputs for ``work``: the chat template around each prompt, frames as videos."""
-        texts = [self._chat(one.item.prompt) for one in work]
+        texts = [chat_prompt(self.processor, one.item.prompt) for one in work]
         videos = [one.frames for one in work]
         kwargs = {}
         if getattr(self.processor.video_processor, "cap_pixels_per_frame", False) is None:
             kwargs["cap_pixels_per_frame"] = True  # the reference (qwen-vl-utils) behaviour, stated
         batch = self.processor(text=texts, videos=videos, padding=True, return_tensors="pt", **kwargs)
         return {key: value.to(self.device) for key, value in batch.items()}
-
-    def _chat(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _generate(self, decoder: object, inputs: dict) -> tuple[object, float]:
         kwargs: dict = {"max_new_tokens": self.settings.max_new_tokens}
@@ -223,14 +216,6 @@ def _same_tokens(a: torch.Tensor, b: torch.Tensor, processor: object) -> bool:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _video_token_id(config: object) -> int:
-    for name in ("video_token_id", "video_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError("the model config names no video token (video_token_id / video_token_index)")
 
 
 def _item_columns(item: Item) -> dict:

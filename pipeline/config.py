@@ -4,12 +4,22 @@ Every job builds exactly one :class:`PipelineConfig` from its flags (``jobs/_cli
 one ``--flag``, whose ``--help`` is the field's help text) and hands it to
 :func:`pipeline.run.run_pipeline`. A bad value raises ``ValueError`` here, before Ray starts or any model
 loads. Each field's help says what it trades off.
+
+The stages' own settings come from here, never from hand copies of the fields:
+:meth:`PipelineConfig.std_config` (the decoder's ``StdConfig``), :meth:`PipelineConfig.frame_sampling`
+(the decode stage's ``FrameSampling``) and :meth:`PipelineConfig.storage_options` (every filesystem).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline.storage import StorageOptions
+from std_core.config import StdConfig
+
+if TYPE_CHECKING:  # pipeline.frames loads the video decoders: imported where a sampling is built
+    from pipeline.frames import FrameSampling
 
 Task = Literal["caption", "qa", "mcq"]
 DecoderMode = Literal["std", "dense", "auto"]
@@ -23,9 +33,12 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_OUTPUT = "./out"
 
 
-def _flag(default: Any, help: str) -> Any:
-    """A field with its ``--help`` text: what the flag does and what it trades off."""
-    return field(default=default, metadata={"help": help})
+def flag(default: Any, help: str, *, name: str | None = None) -> Any:
+    """A config field that is one command-line flag: its ``--help`` text (what the flag does and what it
+    trades off), and the flag's name where it is not the field's (``name="budget"``: ``--budget``).
+    ``jobs/_cli.py`` builds every job's parser from these fields."""
+    metadata = {"help": help} if name is None else {"help": help, "flag": name}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -33,18 +46,18 @@ class PipelineConfig:
     """Everything a run needs. ``None`` means "the documented default", resolved at run time."""
 
     # --- where data comes from and goes -------------------------------------------------------------
-    input: str | None = _flag(
+    input: str | None = flag(
         None,
         (
             "A prefix/glob of videos or a manifest (.parquet/.jsonl/.csv with video_uri). None: generate a "
             "few sample videos locally (the embedded default; nothing to download)."
         ),
     )
-    output: str = _flag(
+    output: str = flag(
         DEFAULT_OUTPUT,
         "Output folder (local path or s3://...). Parquet parts + _summary.json land here.",
     )
-    if_exists: IfExists = _flag(
+    if_exists: IfExists = flag(
         "fail",
         (
             'What to do when the output already holds rows: "fail" (safe default, like Spark\'s '
@@ -52,31 +65,31 @@ class PipelineConfig:
             '"overwrite" (delete them).'
         ),
     )
-    endpoint_url: str | None = _flag(
+    endpoint_url: str | None = flag(
         None,
         "S3-compatible endpoint. None: AWS_ENDPOINT_URL or AWS itself, as boto3 and the AWS CLI do.",
     )
-    anon: bool = _flag(
+    anon: bool = flag(
         False,
         (
             "Unsigned requests for public buckets; no credentials needed, but private objects become "
             "invisible."
         ),
     )
-    profile: str | None = _flag(
+    profile: str | None = flag(
         None,
         "AWS profile from ~/.aws/config. None: AWS_PROFILE / the default credential chain.",
     )
 
     # --- model and decoder --------------------------------------------------------------------------
-    model: str | None = _flag(
+    model: str | None = flag(
         None,
         (
             "Local directory, object-storage URI (copied once per node to a local cache) or hub id. None: the"
             " project's default demo model."
         ),
     )
-    decoder: DecoderMode = _flag(
+    decoder: DecoderMode = flag(
         "std",
         (
             '"std" drafts with sparse visual attention and verifies densely (same output, faster on long '
@@ -84,50 +97,50 @@ class PipelineConfig:
             "the step costs and picks the drafts per round, or dense where StD cannot win (same output)."
         ),
     )
-    gamma: int = _flag(
+    gamma: int = flag(
         9,
         (
             "Drafts per StD round. Larger amortises each verify over more tokens, but wastes more drafts "
             "after a rejection."
         ),
     )
-    sparse_budget: int = _flag(
+    sparse_budget: int = flag(
         1024,
         (
             "Prompt tokens kept in the sparse draft cache per (layer, KV head). Smaller drafts faster but "
             "gets fewer drafts accepted."
         ),
     )
-    dense_sample: int = _flag(
+    dense_sample: int = flag(
         1,
         (
             "Batches per actor that are decoded a second time densely, to measure the speedup and check that "
             "StD output is identical. 0 disables (no overhead); -1 compares every batch (what evaluate does)."
         ),
     )
-    dtype: DType = _flag(
+    dtype: DType = flag(
         "auto",
         '"auto": bfloat16 on GPU, float32 on CPU. float32 is exact but twice the memory and slower on GPU.',
     )
-    max_new_tokens: int = _flag(
+    max_new_tokens: int = flag(
         128,
         "Upper bound on generated tokens per row. Longer captions cost proportionally more decode time.",
     )
-    temperature: float = _flag(
+    temperature: float = flag(
         0.0,
         "0: greedy (deterministic, the lossless reference). > 0: sampling (StD stays distribution-exact).",
     )
-    seed: int = _flag(0, "Seed for sampling and for the generated sample videos.")
+    seed: int = flag(0, "Seed for sampling and for the generated sample videos.")
 
     # --- task ---------------------------------------------------------------------------------------
-    task: Task = _flag(
+    task: Task = flag(
         "caption",
         (
             "caption: one row per video; qa: one row per question; mcq: one letter per question, scored when "
             "the manifest has answers."
         ),
     )
-    prompt: str | None = _flag(
+    prompt: str | None = flag(
         None,
         (
             "Caption prompt override. None: pipeline.prompts.CAPTION_PROMPT (what the demo model was trained "
@@ -136,18 +149,18 @@ class PipelineConfig:
     )
 
     # --- frames -------------------------------------------------------------------------------------
-    num_frames: int = _flag(
+    num_frames: int = flag(
         8,
         (
             "Frames sampled uniformly per video; with --fps, the cap. More frames: more visual tokens, better"
             " temporal coverage, slower prefill and decode."
         ),
     )
-    fps: float | None = _flag(
+    fps: float | None = flag(
         None,
         "Sample at this rate (frames per second of video) instead of uniformly, at most num_frames.",
     )
-    max_pixels: int | None = _flag(
+    max_pixels: int | None = flag(
         None,
         (
             "Frames are downscaled on decode to at most this many pixels (aspect kept). None: the model "
@@ -156,31 +169,31 @@ class PipelineConfig:
     )
 
     # --- scale --------------------------------------------------------------------------------------
-    batch_size: int = _flag(
+    batch_size: int = flag(
         4,
         "Videos per actor batch. Larger batches use the GPU better but hold more frames in memory.",
     )
-    num_actors: int = _flag(
+    num_actors: int = flag(
         1,
         "Model actors (one model copy each). On a GPU cluster: the number of GPUs to use.",
     )
-    num_gpus: float | None = _flag(
+    num_gpus: float | None = flag(
         None,
         (
             "GPUs per model actor. None: 1 if the Ray cluster has GPUs, else 0 (CPU). On an autoscaling "
             "cluster whose GPU nodes start on demand, pass 1 explicitly."
         ),
     )
-    rows_per_file: int = _flag(
+    rows_per_file: int = flag(
         256,
         "Rows buffered per Parquet file. Larger: fewer files, but more rows redone after a crash.",
     )
-    limit: int | None = _flag(
+    limit: int | None = flag(
         None,
         "Process at most this many task items (after resume filtering). None: all. Bounds a scheduled run.",
     )
-    num_samples: int = _flag(4, "Sample videos generated for the embedded default (no --input).")
-    run_id: str | None = _flag(
+    num_samples: int = flag(4, "Sample videos generated for the embedded default (no --input).")
+    run_id: str | None = flag(
         None,
         "Tag written into every row and the summary. None: a UTC timestamp plus a random suffix.",
     )
@@ -210,6 +223,22 @@ class PipelineConfig:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus!r}")
         if not self.output:
             raise ValueError("output must be a path or URI")
+        self.std_config()  # the decoder's own validation, before anything runs
+
+    def std_config(self) -> StdConfig:
+        """The decoder's configuration: ``--decoder``, ``--gamma`` and ``--sparse-budget``."""
+        return StdConfig(mode=self.decoder, gamma=self.gamma, sparse_budget=self.sparse_budget)
+
+    def frame_sampling(self, model_max_pixels: int) -> FrameSampling:
+        """How the decode stage samples and sizes frames; ``model_max_pixels`` (the model processor's
+        per-frame limit) applies unless ``--max-pixels`` is given."""
+        from pipeline.frames import FrameSampling
+
+        return FrameSampling(self.num_frames, self.fps, self.max_pixels or model_max_pixels)
+
+    def storage_options(self) -> StorageOptions:
+        """Credentials and endpoint for every filesystem the run touches (input, output, model)."""
+        return StorageOptions(endpoint_url=self.endpoint_url, anon=self.anon, profile=self.profile)
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:

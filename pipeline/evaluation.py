@@ -1,77 +1,150 @@
 """Offline evaluation of StD against dense decoding on rows where both ran (``dense_sample=-1``).
 
-Reported, over the ``ok`` rows of one run:
+:func:`run_evaluation` runs the pipeline once per task (StD, with every batch decoded again densely on
+the same actor), reads the rows back and writes the report to ``<output>/_evaluation.json``. Reported,
+over the ``ok`` rows of one run:
 
-- ``accuracy``: per decoder, the metrics of ``pipeline.demo_eval`` over the rows with an answer: for
-  mcq the option letter parsed from the text, for qa a normalised exact match, for caption (the
-  manifest's ``caption`` as reference) the attribute hits ``caption_colour`` / ``_shape`` / ``_motion`` /
-  ``_order`` and their mean ``caption_attributes``. StD is lossless, so the two decoders agree wherever
-  their outputs are identical;
+- ``accuracy``: per decoder, over the rows with an answer: for mcq the option letter parsed from the text
+  (:func:`score_mcq`), for qa a normalised exact match (:func:`score_qa`). Captions are scored only by a
+  caption scorer handed in, which the demo's own held-out clips have (``pipeline.demo.scoring``: the
+  attribute hits ``caption_colour`` / ``_shape`` / ``_motion`` / ``_order`` and their mean
+  ``caption_attributes``); captions of any other manifest are counted in ``unscored_captions``. StD is
+  lossless, so the two decoders agree wherever their outputs are identical;
 - ``exact_match_rate``: rows whose StD tokens equal the dense tokens. Greedy fp32 must give 1.0; in
   bf16/fp16 a parallel verify can flip a near-tie, and each ``divergences`` entry gives the first
   differing position and the dense top-1 minus top-2 logit margin there (a tiny margin means a tie);
-- ``acceptance_rate``, ``mean_accepted_per_round`` and ``speedup`` (dense / StD decode seconds).
+- ``acceptance_rate`` and ``mean_accepted_per_round`` (``std_core.stats``, over the summed row counts)
+  and ``speedup`` (dense / StD decode seconds).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.demo_eval import Tally, score_mcq, score_qa
+from pipeline.config import TASKS, PipelineConfig
+from pipeline.prompts import parse_mcq_answer
+from pipeline.run import run_pipeline
 from pipeline.schema import STATUS_OK
+from pipeline.sink import read_rows, write_json
+from pipeline.storage import join
+from std_core.stats import RowStats, acceptance_rate, mean_accepted_per_round
 
 MAX_LISTED_DIVERGENCES = 20
+EVALUATION_FIXED = {"decoder": "std", "dense_sample": -1}  # StD, and every batch again densely
+ALL_TASKS = "all"
+EVALUATION_TASKS = (ALL_TASKS, *TASKS)  # what --task selects: all of them in turn, or one
+NO_CAPTION_SCORER = "no scorer for captions outside the demo world"
+
+# (generated caption, reference caption) -> per-attribute hits, recorded as ``caption_<attribute>``
+CaptionScorer = Callable[[str, str], Mapping[str, Sequence[bool]]]
+
+_WORD = re.compile(r"[a-z]+")
 
 
-def evaluation_report(table: pa.Table) -> dict:
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case words only: ``" Red."`` -> ``"red"``."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def score_qa(generated: str, truth: str) -> bool:
+    """Normalised exact match."""
+    return normalise_answer(generated) == normalise_answer(truth)
+
+
+def score_mcq(generated: str, truth_letter: str, num_options: int) -> bool:
+    """The first standalone option letter of ``generated`` is the right one."""
+    return parse_mcq_answer(generated, num_options) == truth_letter.strip().upper()
+
+
+@dataclass
+class Tally:
+    """Running hit lists per metric; ``summary()`` gives the fractions (NaN-free: empty metrics omitted),
+    plus ``caption_attributes``, the mean of the ``caption_*`` metrics, where there are some."""
+
+    hits: dict[str, list[bool]] = field(default_factory=dict)
+
+    def add(self, metric: str, values: Iterable[bool]) -> None:
+        self.hits.setdefault(metric, []).extend(bool(v) for v in values)
+
+    def add_scores(self, prefix: str, scores: Mapping[str, Iterable[bool]]) -> None:
+        """Each ``{name: hits}`` entry as metric ``<prefix><name>``."""
+        for name, values in scores.items():
+            self.add(prefix + name, values)
+
+    def summary(self) -> dict[str, float]:
+        out = {name: sum(v) / len(v) for name, v in sorted(self.hits.items()) if v}
+        parts = [value for name, value in out.items() if name.startswith("caption_")]
+        if parts:
+            out["caption_attributes"] = sum(parts) / len(parts)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report of one run's rows
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluation_report(table: pa.Table, caption_scorer: CaptionScorer | None = None) -> dict:
     """The report for the rows of one evaluation run (see the module docstring)."""
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == STATUS_OK]
     compared = [r for r in ok if r["dense_match"] is not None]
     diverged = [r for r in compared if not r["dense_match"]]
     margins = [r["divergence_margin"] for r in diverged if r["divergence_margin"] is not None]
-    drafted = sum(r["drafted_tokens"] or 0 for r in ok)
-    rounds = sum(r["rounds"] or 0 for r in ok)
-    committed = sum((r["generated_tokens"] or 1) - 1 for r in ok if r["rounds"])
+    counts = sum((RowStats.from_columns(r) for r in ok), RowStats())
     std_seconds = sum(r["decode_seconds"] or 0.0 for r in compared)
     dense_seconds = sum(r["dense_decode_seconds"] or 0.0 for r in compared)
     return {
         "rows": len(rows),
         "rows_ok": len(ok),
         "rows_error": len(rows) - len(ok),
-        "accuracy": _accuracy(ok),
+        "accuracy": _accuracy(ok, caption_scorer),
         "compared_rows": len(compared),
-        "exact_match_rate": _ratio(len(compared) - len(diverged), len(compared)),
+        "exact_match_rate": _round(_ratio(len(compared) - len(diverged), len(compared))),
         "divergences": [
             {"id": r["id"], "position": r["divergence_position"], "margin": r["divergence_margin"]}
             for r in diverged[:MAX_LISTED_DIVERGENCES]
         ],
         "divergence_margin_min": min(margins) if margins else None,
         "divergence_margin_median": statistics.median(margins) if margins else None,
-        "acceptance_rate": _ratio(sum(r["accepted_tokens"] or 0 for r in ok), drafted),
-        "mean_accepted_per_round": _ratio(committed, rounds),
+        "acceptance_rate": _round(acceptance_rate(counts.accepted, counts.drafted)),
+        "mean_accepted_per_round": _round(mean_accepted_per_round(counts.committed, counts.rounds)),
         "std_decode_seconds": round(std_seconds, 4),
         "dense_decode_seconds": round(dense_seconds, 4),
-        "speedup": _ratio(dense_seconds, std_seconds),
+        "speedup": _round(_ratio(dense_seconds, std_seconds)),
     }
 
 
-def _accuracy(rows: list[dict]) -> dict:
-    """Per decoder, the ``demo_eval`` metrics of the rows that have an answer (see the module docstring)."""
-    scored = [r for r in rows if r["answer"] is not None]
+def _accuracy(rows: list[dict], caption_scorer: CaptionScorer | None) -> dict:
+    """Per decoder, the metrics of the rows that have an answer and a scorer (see the module docstring)."""
+    answered = [r for r in rows if r["answer"] is not None]
+    scored = [r for r in answered if r["task"] != "caption" or caption_scorer is not None]
     std, dense = Tally(), Tally()
     for row in scored:
-        _score(std, row, row["text"])
+        _score(std, row, row["text"], caption_scorer)
         if row["dense_text"] is not None:
-            _score(dense, row, row["dense_text"])
-    return {"scored": len(scored), "std": std.summary(), "dense": dense.summary()}
+            _score(dense, row, row["dense_text"], caption_scorer)
+    out: dict = {"scored": len(scored), "std": std.summary(), "dense": dense.summary()}
+    if unscored := len(answered) - len(scored):
+        out |= {"unscored_captions": unscored, "caption": NO_CAPTION_SCORER}
+    return out
 
 
-def _score(tally: Tally, row: dict, text: str | None) -> None:
-    if row["task"] == "caption":
-        tally.add_caption(text or "", row["answer"])
+def _score(tally: Tally, row: dict, text: str | None, caption_scorer: CaptionScorer | None) -> None:
+    if row["task"] == "caption" and caption_scorer is not None:
+        tally.add_scores("caption_", caption_scorer(text or "", row["answer"]))
     elif row["task"] == "mcq":
         tally.add("mcq", [text is not None and score_mcq(text, row["answer"], len(row["options"] or []))])
     else:
@@ -79,4 +152,58 @@ def _score(tally: Tally, row: dict, text: str | None) -> None:
 
 
 def _ratio(num: float, den: float) -> float | None:
-    return round(num / den, 4) if den else None
+    return num / den if den else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation run
+# ---------------------------------------------------------------------------------------------------
+
+
+def caption_scorer_for(config: PipelineConfig) -> CaptionScorer | None:
+    """The demo world's caption-attribute scorer when the run evaluates the demo's own held-out clips
+    (no ``--input``); None for a user's manifest, whose captions no attribute list describes."""
+    if config.input is not None:
+        return None
+    from pipeline.demo.scoring import score_caption  # the demo only where its own data is evaluated
+
+    return score_caption
+
+
+def run_evaluation(config: PipelineConfig, tasks: str = ALL_TASKS) -> dict:
+    """Evaluate ``tasks`` (one of :data:`EVALUATION_TASKS`) with ``config``; return the report, also
+    written to ``<config.output>/_evaluation.json``.
+
+    ``"all"`` runs caption, qa and mcq in turn, each into its own ``<output>/<task>/`` folder (so each
+    task's ``--if-exists`` applies to its own rows), and reports over all rows plus ``per_task``."""
+    if tasks not in EVALUATION_TASKS:
+        raise ValueError(f"tasks must be one of {', '.join(EVALUATION_TASKS)}; got {tasks!r}")
+    selected = list(TASKS) if tasks == ALL_TASKS else [tasks]
+    configs = [dataclasses.replace(config, **EVALUATION_FIXED, task=task) for task in selected]
+    if len(configs) > 1:
+        configs = [dataclasses.replace(c, output=join(c.output, c.task)) for c in configs]
+    scorer = caption_scorer_for(config)
+    report: dict = {"tasks": selected}
+    per_task, tables = {}, []
+    for task_config in configs:
+        summary, table = _run_task(task_config)
+        report["model"] = summary["model"]
+        per_task[task_config.task] = {"run_id": summary["run_id"], **evaluation_report(table, scorer)}
+        tables.append(table)
+    if len(configs) == 1:
+        report |= per_task[selected[0]]
+    else:
+        report |= evaluation_report(pa.concat_tables(tables), scorer) | {"per_task": per_task}
+    write_json(join(config.output, "_evaluation.json"), report, config.storage_options())
+    return report
+
+
+def _run_task(config: PipelineConfig) -> tuple[dict, pa.Table]:
+    """Run one task's pipeline; return its summary and the rows of that run."""
+    summary = run_pipeline(config)
+    table = read_rows(config.output, config.storage_options())
+    return summary, table.filter(pc.equal(table["run_id"], summary["run_id"]))

@@ -55,6 +55,14 @@ class DecodedVideo:
     backend: str  # "decord" or "pyav"
 
 
+def segment_centres(total: int, count: int) -> list[int]:
+    """Indices of ``count`` of ``total`` frames: the centres of ``count`` equal segments, so the first
+    and last frames are not over-represented (``min(total, count)`` indices, ascending, no repeats).
+    The one uniform sampling rule: the pipeline, the demo world, training and evaluation all use it."""
+    count = min(total, count)
+    return [min(int((i + 0.5) * total / count), total - 1) for i in range(count)]
+
+
 def sample_indices(total: int, native_fps: float, sampling: FrameSampling) -> list[int]:
     """Frame indices to keep: uniform ``num_frames``, or every 1/fps seconds capped at ``num_frames``."""
     if total <= 0:
@@ -66,9 +74,7 @@ def sample_indices(total: int, native_fps: float, sampling: FrameSampling) -> li
             return picks
         total_picks = np.linspace(0, len(picks) - 1, sampling.num_frames)
         return [picks[round(i)] for i in total_picks]
-    count = min(total, sampling.num_frames)
-    # centres of `count` equal segments: first and last frames are not over-represented
-    return [min(int((i + 0.5) * total / count), total - 1) for i in range(count)]
+    return segment_centres(total, sampling.num_frames)
 
 
 def fit_pixels(height: int, width: int, max_pixels: int) -> tuple[int, int]:

@@ -7,7 +7,7 @@ A model is named by
   local cache, guarded by a lock file, so every actor on a node shares one copy);
 - a Hugging Face hub id such as ``Qwen/Qwen2-VL-7B-Instruct`` (downloaded by transformers where a
   network exists);
-- nothing: the project's demo model, committed in ``pipeline/demo_model/`` and installed with the package.
+- nothing: the project's demo model, committed in ``pipeline/demo/model/`` and installed with the package.
 """
 
 from __future__ import annotations
@@ -37,33 +37,9 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The trained demo model shipped in the package (FileNotFoundError naming a missing file)."""
-    from pipeline import demo_model
+    from pipeline.demo import builders
 
-    return demo_model.check_model_dir(demo_model.default_model_dir())
-
-
-def build_untrained_model(target: Path) -> Path:
-    """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``:
-    a fast stand-in for tests and benchmarks of the machinery (it writes nonsense).
-
-    ``initializer_range`` is raised so the random model writes varied, input-dependent tokens (and
-    lets tests see StD drafts get accepted and rejected) instead of one token forever."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from pipeline import demo_model
-
-    torch.manual_seed(0)
-    tokenizer = demo_model.build_tokenizer()
-    spec = demo_model.DemoModelSpec(text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2,
-                                    text_intermediate=128, vision_dim=32, vision_depth=1, vision_heads=2,
-                                    initializer_range=0.5)  # fmt: skip
-    model = Qwen2VLForConditionalGeneration(demo_model.build_config(tokenizer, spec))
-    model.generation_config.do_sample = False
-    shutil.rmtree(target, ignore_errors=True)
-    model.save_pretrained(target)
-    demo_model.build_processor(tokenizer).save_pretrained(target)
-    (target / _COMPLETE).touch()
-    return target
+    return builders.check_model_dir(builders.default_model_dir())
 
 
 def model_label(model: str | None) -> str:

@@ -1,7 +1,10 @@
-"""The prompts of the three annotation tasks, defined once.
+"""The prompts of the three annotation tasks and the chat turn around them, defined once.
 
 The pipeline builds every prompt here, and the demo model is trained on exactly these strings, so a
 caption, question or multiple-choice item reads the same at training, annotation and evaluation time.
+:func:`chat_prompt` wraps one prompt in the model's own chat template (a user turn holding the video,
+then the prompt, then the assistant header): the annotator, the demo's evaluation and training, and the
+benchmarks all build the model's text through it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,19 @@ from collections.abc import Sequence
 CAPTION_PROMPT = "Describe the video."
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJ"
+
+
+def user_message(prompt: str, with_video: bool = True) -> dict:
+    """One user turn: the video (first, where ``with_video``), then the prompt's text."""
+    content = [{"type": "text", "text": prompt}]
+    if with_video:
+        content.insert(0, {"type": "video"})
+    return {"role": "user", "content": content}
+
+
+def chat_prompt(processor: object, prompt: str) -> str:
+    """The chat-template text of one user turn holding the video and ``prompt``, ready for generation."""
+    return processor.apply_chat_template([user_message(prompt)], add_generation_prompt=True, tokenize=False)
 
 
 def format_mcq_prompt(question: str, options: Sequence[str]) -> str:

@@ -12,24 +12,24 @@ and keeps the accounting; a batch that Ray retries after an actor crash is deliv
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pipeline.accounting import Progress, RunAccounting
 from pipeline.annotator import Annotator, AnnotatorSettings
 from pipeline.config import PipelineConfig
-from pipeline.demo_world import write_sample_dataset
 from pipeline.errors import PipelineError
-from pipeline.frames import FrameSampling, decode_frames
+from pipeline.frames import decode_frames
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
 from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
 from pipeline.sources import Item, expand_items, read_records, video_rows
 from pipeline.storage import StorageOptions, check_reachable, is_object_store, join
+
+log = logging.getLogger(__name__)
 
 # Heap reserved per decode task: decord reads a remote video whole into memory, plus the sampled frames.
 # Bounds concurrent decodes per node, and (being a different resource request from the model actors)
@@ -53,12 +53,13 @@ def new_run_id() -> str:
 
 
 def storage_options(config: PipelineConfig) -> StorageOptions:
-    return StorageOptions(endpoint_url=config.endpoint_url, anon=config.anon, profile=config.profile)
+    """``config.storage_options()`` (kept for callers of the earlier name)."""
+    return config.storage_options()
 
 
-def plan_run(config: PipelineConfig, log: Callable[[str], None] = print) -> Plan:
+def plan_run(config: PipelineConfig) -> Plan:
     """Check storage, read the inputs, apply ``--if-exists`` and ``--limit``. Raises PipelineError."""
-    storage = storage_options(config)
+    storage = config.storage_options()
     input_uri = config.input or _sample_input(config)
     check_reachable(input_uri, storage, "--input")
     check_reachable(config.output, storage, "--output")
@@ -66,13 +67,14 @@ def plan_run(config: PipelineConfig, log: Callable[[str], None] = print) -> Plan
         check_reachable(config.model, storage, "--model")
     check_model(config.model, storage)
     items = expand_items(read_records(input_uri, storage), config.task, config.prompt)
-    done = _existing_ok_ids(config, storage, log)
+    done = _existing_ok_ids(config, storage)
     pending = [item for item in items if item.id not in done]
     if config.limit is not None:
         pending = pending[: config.limit]
-    log(
-        f"[plan] {len(items)} items from {input_uri}; {len(items) - len(pending)} skipped; {len(pending)} to run"
-    )
+    log.info(
+        "[plan] %d items from %s; %d skipped; %d to run",
+        len(items), input_uri, len(items) - len(pending), len(pending),
+    )  # fmt: skip
     run_id = config.run_id or new_run_id()
     if part_files(config.output, storage, run_id):
         raise PipelineError(
@@ -82,6 +84,9 @@ def plan_run(config: PipelineConfig, log: Callable[[str], None] = print) -> Plan
 
 
 def _sample_input(config: PipelineConfig) -> str:
+    """The embedded default's input: the demo world's sample clips, generated once into the cache."""
+    from pipeline.demo.world import write_sample_dataset
+
     out = cache_dir() / "samples" / f"seed{config.seed}-n{config.num_samples}"
     manifest = out / "manifest.jsonl"
     if not manifest.exists():
@@ -89,7 +94,7 @@ def _sample_input(config: PipelineConfig) -> str:
     return str(manifest)
 
 
-def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions, log: Callable[[str], None]) -> set[str]:
+def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> set[str]:
     files = part_files(config.output, storage)
     if not files:
         return set()
@@ -99,7 +104,8 @@ def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions, log: Calla
             "to process only items without an ok row, or --if-exists overwrite to replace them."
         )
     if config.if_exists == "overwrite":
-        log(f"[plan] --if-exists overwrite: removing {remove_outputs(config.output, storage)} part files")
+        removed = remove_outputs(config.output, storage)
+        log.info("[plan] --if-exists overwrite: removed %d part files", removed)
         return set()
     return ok_ids(config.output, storage)
 
@@ -119,9 +125,7 @@ def annotator_settings(config: PipelineConfig, plan: Plan, num_gpus: float) -> A
         model_label=model_label(config.model),
         run_id=plan.run_id,
         storage=plan.storage,
-        decoder=config.decoder,
-        gamma=config.gamma,
-        sparse_budget=config.sparse_budget,
+        std=config.std_config(),
         dense_sample=config.dense_sample,
         dtype=config.dtype,
         max_new_tokens=config.max_new_tokens,
@@ -137,9 +141,7 @@ def build_dataset(config: PipelineConfig, plan: Plan, num_gpus: float, annotator
     import ray
 
     rows = video_rows(plan.pending)
-    sampling = FrameSampling(
-        config.num_frames, config.fps, config.max_pixels or pixel_limit(config.model, plan.storage)
-    )
+    sampling = config.frame_sampling(pixel_limit(config.model, plan.storage))
     ds = ray.data.from_items(
         rows, override_num_blocks=max(1, min(math.ceil(len(rows) / config.batch_size), 10_000))
     )
@@ -168,19 +170,22 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
 
 
-def run_pipeline(
-    config: PipelineConfig, annotator_cls: type = Annotator, log: Callable[[str], None] | None = None
-) -> dict:
+def run_pipeline(config: PipelineConfig, annotator_cls: type = Annotator) -> dict:
     """Run one job end to end; return the summary (also written to ``<output>/_summary.json``)."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    plan = plan_run(config, log)
+    plan = plan_run(config)
     accounting = RunAccounting(expected_rows=len(plan.pending))
     num_gpus = 0.0
     files: list[str] = []
     if plan.pending:
         init_ray()
         num_gpus = gpus_per_actor(config)
-        log(f"[run] {plan.run_id}: {config.num_actors} actor(s) × {num_gpus:g} GPU, decoder {config.decoder}")
+        log.info(
+            "[run] %s: %d actor(s) × %g GPU, decoder %s",
+            plan.run_id,
+            config.num_actors,
+            num_gpus,
+            config.decoder,
+        )
         files = _stream(build_dataset(config, plan, num_gpus, annotator_cls), config, plan, accounting)
     summary = {
         "run_id": plan.run_id,

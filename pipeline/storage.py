@@ -56,6 +56,16 @@ def get_fs(uri: str, options: StorageOptions) -> tuple[fsspec.AbstractFileSystem
     return url_to_fs(uri, **options.for_protocol(protocol_of(uri)))
 
 
+def redact(uri: str) -> str:
+    """``uri`` without its query string and fragment where it is a URL (``https://h/v.mp4?X-Amz-
+    Signature=...`` → ``https://h/v.mp4``): presigned signatures never reach rows, ids, errors or
+    summaries. Plain paths and ``s3://`` URIs come back unchanged (``?`` and ``#`` are name characters
+    there)."""
+    if protocol_of(uri) not in ("http", "https"):
+        return uri
+    return uri.split("?", 1)[0].split("#", 1)[0]
+
+
 def join(base: str, *names: str) -> str:
     """``base/name`` for paths and URIs alike."""
     return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from pipeline.bench.measure import DEFAULT_VARIANTS, STD_VARIANTS, VARIANTS, Sam
 from pipeline.bench.records import DecoderRecord, build_record
 from std_core import SparseToDenseDecoder, StdConfig
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,11 @@ class BenchModel:
     processor: object | None = None
 
 
-def run_case(bench: BenchModel, case: DecoderCase, log: Log | None = None) -> DecoderRecord:
+def run_case(bench: BenchModel, case: DecoderCase) -> DecoderRecord:
     """Benchmark ``case`` on ``bench`` (see the module docstring)."""
     inputs, vision_seconds = make_inputs(bench, case)
     decoders = make_decoders(bench.model, case)
-    samples = collect_samples(bench.model, decoders, inputs, case, log)
+    samples = collect_samples(bench.model, decoders, inputs, case)
     calibrated = decoders["std"].step_costs(**fresh(inputs)) if "std" in decoders else None
     return build_record(bench, case, inputs, samples, calibrated, vision_seconds)
 
@@ -109,7 +109,7 @@ def make_decoders(model: torch.nn.Module, case: DecoderCase) -> dict[str, Sparse
 
 
 def collect_samples(
-    model: torch.nn.Module, decoders: dict, inputs: dict, case: DecoderCase, log: Log | None = None
+    model: torch.nn.Module, decoders: dict, inputs: dict, case: DecoderCase
 ) -> dict[str, list[Sample]]:
     """Warm-up calls, then ``repeats`` interleaved rounds of every variant: samples per variant."""
     variants = list(case.variants)
@@ -120,6 +120,5 @@ def collect_samples(
         for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
             sample = run_variant(variant, model, decoders, inputs, case.max_new_tokens)
             samples[variant].append(sample)
-            if log is not None:
-                log(f"  repeat {r + 1}/{case.repeats} {variant:7s} {sample.wall_seconds:8.3f} s")
+            log.info("  repeat %d/%d %-7s %8.3f s", r + 1, case.repeats, variant, sample.wall_seconds)
     return samples

@@ -8,7 +8,7 @@ the language model. Qwen models also get ``mm_token_type_ids`` (2 on video token
 positions. Rows are left padded by 0..``padding`` tokens (real batches are padded; with padding, plain
 ``generate`` attends with an explicit mask, the case ``TRANSFORMERS_SDPA_FORCE_GQA`` is about).
 
-*World* inputs (trained checkpoints): held-out clips of :mod:`pipeline.demo_world` at a chosen length,
+*World* inputs (trained checkpoints): held-out clips of :mod:`pipeline.demo.world` at a chosen length,
 each with the caption prompt, through the checkpoint's own processor. :func:`encode_videos` then runs
 the vision tower once (timed) and swaps the pixels for its output, exactly as ``generate`` would store
 it, so every variant decodes from the same features and no variant's timing holds the vision tower.
@@ -121,9 +121,8 @@ class WorldSpec:
 
 def world_inputs(model: torch.nn.Module, processor: object, spec: WorldSpec) -> dict:
     """Processor inputs (left padded, on the model's device) for ``spec``'s clips and caption prompts."""
-    from pipeline import demo_world as world
-    from pipeline.demo_eval import chat_prompt
-    from pipeline.prompts import CAPTION_PROMPT
+    from pipeline.demo import world
+    from pipeline.prompts import CAPTION_PROMPT, chat_prompt
 
     seeds = world.heldout_seeds(spec.batch, offset=spec.seed * 1000)
     videos = [world.render_frames(world.make_clip(seed, spec.frames)) for seed in seeds]

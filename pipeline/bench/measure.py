@@ -36,6 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pipeline.bench.inputs import fresh
+from std_core.stats import RowStats
 
 STD_VARIANTS = ("std", "std_sink", "dense", "auto")
 HF_VARIANTS = ("hf", "hf_gqa")
@@ -57,16 +58,14 @@ class Sample:
     decode_seconds: float
     steps: int  # decode positions: generated tokens after the first (max over rows)
     rounds: int  # batch rounds (std_core variants; = steps for dense)
-    drafted: int
-    accepted: int
-    committed_in_rounds: int  # tokens the rounds committed, summed over rows
-    row_rounds: int  # rounds each row took part in (until it stopped), summed over rows
+    counts: RowStats  # the rows' decode counts, summed (each row's rounds until it stopped)
     round_gammas: tuple[int, ...]
     peak_memory_bytes: int
     base_memory_bytes: int
     dense_cache_bytes: int
     sparse_cache_bytes: int
     kept_prompt_tokens: int  # prompt tokens in the sparse cache, mean over rows (0 without one)
+    visual_tokens: int  # visual tokens in the prompt as std_core counts them, mean over rows (0: hf variants)
     batch: int
     sequences: torch.Tensor  # [B, prompt + new]: compared across variants, not reported
 
@@ -101,7 +100,6 @@ def _run_std(
     synchronize(device)
     wall = time.perf_counter() - start
     stats = result.stats
-    total = stats.total
     return Sample(
         variant=variant,
         wall_seconds=wall,
@@ -112,15 +110,13 @@ def _run_std(
         decode_seconds=max(0.0, wall - stats.prefill_seconds - stats.select_seconds),
         steps=max(row.generated for row in stats.rows) - 1,
         rounds=stats.batch_rounds,
-        drafted=total.drafted,
-        accepted=total.accepted,
-        committed_in_rounds=sum(row.generated - 1 for row in stats.rows if row.rounds),
-        row_rounds=sum(row.rounds for row in stats.rows),
+        counts=stats.total,
         round_gammas=stats.round_gammas,
         peak_memory_bytes=0,
         base_memory_bytes=0,
         dense_cache_bytes=stats.dense_cache_bytes,
         sparse_cache_bytes=stats.sparse_cache_bytes,
+        visual_tokens=round(sum(stats.visual_tokens) / len(stats.rows)),
         kept_prompt_tokens=round(sum(stats.kept_prompt_tokens) / len(stats.rows))
         if result.stats.gamma
         else 0,
@@ -171,16 +167,18 @@ def _run_hf(
         decode_seconds=end - first,
         steps=steps,
         rounds=steps,
-        drafted=0,
-        accepted=0,
-        committed_in_rounds=steps * sequences.shape[0],
-        row_rounds=steps * sequences.shape[0],
+        counts=RowStats(
+            generated=(steps + 1) * sequences.shape[0],
+            rounds=steps * sequences.shape[0],
+            committed=steps * sequences.shape[0],
+        ),
         round_gammas=(),
         peak_memory_bytes=0,
         base_memory_bytes=0,
         dense_cache_bytes=0,
         sparse_cache_bytes=0,
         kept_prompt_tokens=0,
+        visual_tokens=0,
         batch=sequences.shape[0],
         sequences=sequences.cpu(),
     )

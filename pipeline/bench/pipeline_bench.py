@@ -2,7 +2,7 @@
 
 Built on the pipeline's own pieces, measured from outside (nothing in them changes):
 
-1. **Videos**: ``pipeline.demo_world.write_sample_dataset`` (the demo world's clips, H.264 files) and the
+1. **Videos**: ``pipeline.demo.world.write_sample_dataset`` (the demo world's clips, H.264 files) and the
    run's plan (``pipeline.run.plan_run``), exactly as ``jobs.caption`` would see them.
 2. **Decode stage alone**: :class:`pipeline.frames.FrameDecoder` called in this process, one batch at a
    time, on one core: videos/s per CPU core.
@@ -22,10 +22,9 @@ once.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,30 +32,31 @@ import torch
 
 from pipeline.annotator import Annotator
 from pipeline.bench.measure import torch_threads
-from pipeline.config import PipelineConfig
-from pipeline.demo_world import write_sample_dataset
+from pipeline.config import DecoderMode, PipelineConfig, flag
+from pipeline.demo.world import write_sample_dataset
 from pipeline.frames import FrameDecoder, FrameSampling
 from pipeline.models import pixel_limit
 from pipeline.run import annotator_settings, plan_run, run_pipeline
 from pipeline.sources import video_rows
+from std_core.stats import RowStats, tokens_per_second
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PipelineBenchConfig:
-    """One field per ``jobs.benchmark pipeline`` flag."""
+    """One field per ``jobs.benchmark pipeline`` flag (``jobs/_cli.py`` reads each field's metadata)."""
 
-    model: str | None = None  # None: the project's demo model
-    videos: int = 16
-    num_frames: int = 32
-    batch_size: int = 4
-    num_actors: int = 1
-    ray_cpus: int | None = None  # None: every core of this machine
-    decoder: str = "std"
-    max_new_tokens: int = 32
-    threads: int = 1
-    out: str = "bench-out/pipeline"
+    model: str | None = flag(None, "model directory; None: the demo model")
+    videos: int = flag(16, "generated demo-world videos")
+    num_frames: int = flag(32, "frames sampled per video")
+    batch_size: int = flag(4, "videos per annotator batch")
+    num_actors: int = flag(1, "model actors of the end-to-end run")
+    ray_cpus: int | None = flag(None, "CPUs of the local Ray cluster; None: every core of this machine")
+    decoder: DecoderMode = flag("std", "the pipeline's --decoder")
+    max_new_tokens: int = flag(32, "upper bound on generated tokens per row")
+    threads: int = flag(1, "torch threads of the in-process stages")
+    out: str = flag("bench-out/pipeline", "scratch folder (videos, Parquet output)")
 
     def __post_init__(self) -> None:
         for name in ("videos", "num_frames", "batch_size", "num_actors", "max_new_tokens", "threads"):
@@ -78,24 +78,23 @@ class PipelineBenchConfig:
         )
 
 
-def run_pipeline_benchmark(config: PipelineBenchConfig, log: Log | None = None) -> dict:
+def run_pipeline_benchmark(config: PipelineBenchConfig) -> dict:
     """All three measurements (see the module docstring); returns one flat summary."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     with torch_threads(config.threads):
-        return _run(config, log)
+        return _run(config)
 
 
-def _run(config: PipelineBenchConfig, log: Log) -> dict:
+def _run(config: PipelineBenchConfig) -> dict:
     out = Path(config.out).resolve() / time.strftime("%Y%m%dT%H%M%S")
     manifest = write_sample_dataset(out / "videos", num_clips=config.videos, seed=0)
     pipeline_config = config.pipeline_config(manifest, out / "stages")
-    plan = plan_run(pipeline_config, log)
+    plan = plan_run(pipeline_config)
     batches = _batches(video_rows(plan.pending), config.batch_size)
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
-    log(f"[pipeline] decode stage: {decode['decode_videos_per_s_per_core']:.2f} videos/s per core")
+    log.info("[pipeline] decode stage: %.2f videos/s per core", decode["decode_videos_per_s_per_core"] or 0.0)
     annotate = annotate_stage(pipeline_config, plan, decoded)
-    log(f"[pipeline] annotate stage: {annotate['annotate_videos_per_s']:.3f} videos/s")
-    e2e = end_to_end(config, replace(pipeline_config, output=str(out / "e2e")), out / "timing", log)
+    log.info("[pipeline] annotate stage: %.3f videos/s", annotate["annotate_videos_per_s"])
+    e2e = end_to_end(config, replace(pipeline_config, output=str(out / "e2e")), out / "timing")
     return {"benchmark": "pipeline", "status": "ok", "videos": config.videos, **decode, **annotate, **e2e}
 
 
@@ -135,21 +134,20 @@ def annotate_stage(config: PipelineConfig, plan: object, decoded: list[dict]) ->
     tables = [annotator(batch) for batch in decoded]
     wall = time.perf_counter() - ready
     videos = sum(len(b["video_uri"]) for b in decoded)
-    tokens = sum(sum(v or 0 for v in t.column("generated_tokens").to_pylist()) for t in tables)
-    ok = sum(t.column("status").to_pylist().count("ok") for t in tables)
+    rows = [row for t in tables for row in t.to_pylist()]
+    tokens = sum((RowStats.from_columns(row) for row in rows), RowStats()).generated
+    ok = sum(row["status"] == "ok" for row in rows)
     return {
         "annotate_load_seconds": ready - start,
         "annotate_seconds": wall,
         "annotate_videos_per_s": videos / wall,
-        "annotate_tokens_per_s": tokens / wall,
+        "annotate_tokens_per_s": tokens_per_second(tokens, wall),
         "annotate_rows_ok": ok,
         "annotate_threads": torch.get_num_threads(),
     }
 
 
-def end_to_end(
-    config: PipelineBenchConfig, pipeline_config: PipelineConfig, timing_dir: Path, log: Log
-) -> dict:
+def end_to_end(config: PipelineBenchConfig, pipeline_config: PipelineConfig, timing_dir: Path) -> dict:
     """``run_pipeline`` on local Ray with a timed annotator; throughput and the actors' idle fraction."""
     import ray
 
@@ -157,7 +155,7 @@ def end_to_end(
     if not ray.is_initialized():
         ray.init(num_cpus=config.ray_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
     started = time.time()
-    summary = run_pipeline(pipeline_config, annotator_cls=timed_annotator(str(timing_dir)), log=log)
+    summary = run_pipeline(pipeline_config, annotator_cls=timed_annotator(str(timing_dir)))
     entries = read_timings(timing_dir)
     return {
         "e2e_wall_seconds": summary["wall_seconds"],

@@ -48,6 +48,7 @@ from pipeline.bench.projection import (
     weight_bytes_per_step,
 )
 from std_core.auto import StepCosts
+from std_core.stats import RowStats, acceptance_rate, mean_accepted_per_round
 
 if TYPE_CHECKING:
     from pipeline.bench.decoder import BenchModel, DecoderCase
@@ -187,7 +188,7 @@ def _describe(bench: BenchModel, case: DecoderCase, inputs: dict, samples: dict[
         "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "inputs": "synthetic" if case.visual_tokens else f"demo_world@{case.frames}f",
-        "visual_tokens": round(float((ids == model.config.video_token_id).sum()) / ids.shape[0]),
+        "visual_tokens": samples["dense"][0].visual_tokens,
         "prompt_tokens": ids.shape[1],
         "batch": ids.shape[0],
         "gamma": case.gamma,
@@ -235,12 +236,12 @@ def _speedups(samples: dict[str, list[Sample]]) -> dict:
 
 
 def _sink_acceptance(sink: list[Sample] | None) -> dict:
-    if not sink or not sink[0].drafted:
+    if not sink or not sink[0].counts.drafted:
         return {"sink_acceptance_rate": None, "sink_mean_accepted_per_round": None}
-    s = sink[0]
+    c = sink[0].counts
     return {
-        "sink_acceptance_rate": s.accepted / s.drafted,
-        "sink_mean_accepted_per_round": s.committed_in_rounds / s.row_rounds if s.row_rounds else None,
+        "sink_acceptance_rate": acceptance_rate(c.accepted, c.drafted),
+        "sink_mean_accepted_per_round": mean_accepted_per_round(c.committed, c.rounds),
     }
 
 
@@ -250,15 +251,15 @@ def _acceptance(case: DecoderCase, std: list[Sample] | None, auto: list[Sample] 
          "auto_mean_gamma", "auto_dense_round_fraction")
     )  # fmt: skip
     if std:
-        s = std[0]  # greedy decoding is deterministic: every repeat accepts the same drafts
-        out["acceptance_rate"] = s.accepted / s.drafted if s.drafted else None
-        out["mean_accepted_per_round"] = s.committed_in_rounds / s.row_rounds if s.row_rounds else None
-        if s.drafted:
-            out["measured_alpha"] = alpha_for_acceptance(s.accepted / s.drafted, case.gamma)
+        c = std[0].counts  # greedy decoding is deterministic: every repeat accepts the same drafts
+        out["acceptance_rate"] = acceptance_rate(c.accepted, c.drafted)
+        out["mean_accepted_per_round"] = mean_accepted_per_round(c.committed, c.rounds)
+        if out["acceptance_rate"] is not None:
+            out["measured_alpha"] = alpha_for_acceptance(out["acceptance_rate"], case.gamma)
     if auto:
         gammas = [g for s in auto for g in s.round_gammas]
-        drafted, accepted = sum(s.drafted for s in auto), sum(s.accepted for s in auto)
-        out["auto_acceptance_rate"] = accepted / drafted if drafted else None
+        total = sum((s.counts for s in auto), RowStats())
+        out["auto_acceptance_rate"] = acceptance_rate(total.accepted, total.drafted)
         out["auto_mean_gamma"] = statistics.fmean(gammas) if gammas else None
         out["auto_dense_round_fraction"] = sum(g == 0 for g in gammas) / len(gammas) if gammas else None
     return out

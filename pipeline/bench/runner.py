@@ -1,24 +1,27 @@
 """The decoder benchmark as one call: load the model, run the grid of cases, write the sweep files.
 
-``jobs/benchmark.py decoder`` maps its flags one-to-one onto :class:`DecoderBenchConfig` and prints
-what :func:`run_decoder_benchmark` returns.
+``jobs/benchmark.py decoder`` maps its flags one-to-one onto :class:`DecoderBenchConfig` (``jobs/_cli.py``
+reads each field's ``flag`` metadata) and prints what :func:`run_decoder_benchmark` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Literal
 
 import torch
 
 from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
-from pipeline.bench.measure import DEFAULT_VARIANTS, torch_threads
+from pipeline.bench.measure import DEFAULT_VARIANTS, VARIANTS, torch_threads
 from pipeline.bench.presets import PRESETS, build_model, get_preset
 from pipeline.bench.report import cross_project, read_csv, write_sweep
+from pipeline.config import DType, flag
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SWEEP_VISUAL_TOKENS = (1024, 4096, 16384)
@@ -26,34 +29,55 @@ SWEEP_BATCHES = (1, 4, 8)
 SWEEP_FRAMES = (32, 64, 128, 256)
 
 
+PresetName = Literal[tuple(PRESETS)]  # the names of PRESETS, in its order
+Variant = Literal[VARIANTS]
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass(frozen=True)
 class DecoderBenchConfig:
-    """Everything one decoder benchmark run needs (one field per ``jobs.benchmark decoder`` flag)."""
+    """Everything one decoder benchmark run needs (one field per ``jobs.benchmark decoder`` flag).
 
-    preset: str = "kv-bound"
-    model: str | None = None  # a checkpoint directory: overrides the preset, inputs become demo-world clips
-    layers: int | None = None  # shrink the preset to this many layers (and a 512-token vocabulary)
-    visual_tokens: tuple[int, ...] = (4096,)
-    frames: tuple[int, ...] = (64,)
-    batches: tuple[int, ...] = (1,)
-    gamma: int = 9
-    sparse_budget: int = 1024
-    max_new_tokens: int = 64
-    repeats: int = 3
-    padding: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    threads: int = 1
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    acceptance_profile: float = 0.62
-    sweep: bool = False
-    out: str = "bench-out"
-    costs_from: str | None = None  # a preset sweep's CSV: project its step costs at this run's acceptance
-    seed: int = 0
-    init_std: float | None = None  # presets: weight init std (see presets.build_model)
-    name: str | None = None  # sweep file name (default: decoder-<model>-<device>)
+    ``visual_tokens``, ``frames`` and ``batches`` default to one case (4096 tokens or 64 frames, batch 1)
+    or, with ``sweep``, to the sweep's grid (SWEEP_VISUAL_TOKENS, SWEEP_FRAMES, SWEEP_BATCHES)."""
+
+    preset: PresetName = flag("kv-bound", "random-weight model shape")
+    model: str | None = flag(None, "a checkpoint directory instead of a preset (real acceptance)")
+    layers: int | None = flag(None, "shrink the preset to this many layers (and a 512-token vocabulary)")
+    visual_tokens: tuple[int, ...] | None = flag(
+        None, "per video, synthetic inputs; None: 4096, or 1024 4096 16384 with --sweep"
+    )
+    frames: tuple[int, ...] | None = flag(
+        None, "demo-world clip lengths (--model); None: 64, or 32 64 128 256 with --sweep"
+    )
+    batches: tuple[int, ...] | None = flag(None, "batch sizes; None: 1, or 1 4 8 with --sweep", name="batch")
+    gamma: int = flag(9, "drafts per StD round")
+    sparse_budget: int = flag(1024, "sparse budget K + m_t", name="budget")
+    max_new_tokens: int = flag(64, "new tokens per row")
+    repeats: int = flag(3, "interleaved repeats (medians)")
+    padding: int = flag(0, "left padding of the last row (tokens)")
+    dtype: DType = flag("auto", "auto: bfloat16 on CUDA, float32 on CPU")
+    device: Device = flag("auto", "auto: cuda where available, else cpu")
+    threads: int = flag(1, "torch CPU threads")
+    variants: tuple[Variant, ...] = flag(
+        DEFAULT_VARIANTS, "the decoders timed side by side (std_sink, the sink-window draft: on request)"
+    )
+    acceptance_profile: float = flag(0.62, "profile for projections", name="acceptance")
+    sweep: bool = flag(False, "write <out>/decoder-*.{md,csv,png}")
+    out: str = flag("bench-out", "folder for the sweep files")
+    costs_from: str | None = flag(None, "a preset sweep CSV to project at this acceptance")
+    seed: int = flag(0, "seed of the random weights and the synthetic inputs")
+    init_std: float | None = flag(None, "preset weight init std (0.5: varied tokens)")
+    name: str | None = flag(None, "sweep file name; None: decoder-<model>-<device>")
 
     def __post_init__(self) -> None:
+        defaults = {
+            "visual_tokens": SWEEP_VISUAL_TOKENS if self.sweep else (4096,),
+            "frames": SWEEP_FRAMES if self.sweep else (64,),
+            "batches": SWEEP_BATCHES if self.sweep else (1,),
+        }
+        for name, default in defaults.items():  # frozen: the documented defaults, resolved once here
+            object.__setattr__(self, name, tuple(getattr(self, name) or default))
         if self.model is None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -108,22 +132,22 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
     return [DecoderCase(batch=b, **{key: n}, **common) for n in sizes for b in config.batches]
 
 
-def run_decoder_benchmark(config: DecoderBenchConfig, log: Callable[[str], None] | None = None) -> dict:
+def run_decoder_benchmark(config: DecoderBenchConfig) -> dict:
     """Run every case; with ``sweep``, write the table (markdown, CSV) and figure. Returns the summary."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     with torch_threads(config.threads):
-        return _run(config, log)
+        return _run(config)
 
 
-def _run(config: DecoderBenchConfig, log: Callable[[str], None]) -> dict:
+def _run(config: DecoderBenchConfig) -> dict:
     bench = load_bench_model(config)
     started = datetime.now(timezone.utc)
     records = []
     for case in cases(config):
-        log(
-            f"[decoder] {bench.label}: visual_tokens={case.visual_tokens} frames={case.frames} batch={case.batch}"
-        )
-        records.append(dataclasses.asdict(run_case(bench, case, log)))
+        log.info(
+            "[decoder] %s: visual_tokens=%s frames=%s batch=%d",
+            bench.label, case.visual_tokens, case.frames, case.batch,
+        )  # fmt: skip
+        records.append(dataclasses.asdict(run_case(bench, case)))
     summary = {
         "benchmark": "decoder",
         "status": "ok",

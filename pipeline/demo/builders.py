@@ -16,6 +16,7 @@ The trained weights live in ``default_model_dir()`` (written by ``python -m jobs
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from pipeline import demo_world as world
+from pipeline.demo import world
 from pipeline.prompts import CAPTION_PROMPT, LETTERS, MCQ_INSTRUCTION
 
 SPECIAL_TOKENS = (
@@ -199,7 +200,7 @@ def spec_dict(spec: DemoModelSpec) -> dict:
 
 def default_model_dir() -> Path:
     """The committed demo model: a Hugging Face directory shipped inside the package."""
-    return Path(__file__).resolve().parent / "demo_model"
+    return Path(__file__).resolve().parent / "model"
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -216,6 +217,27 @@ def check_model_dir(path: str | Path) -> Path:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"model directory {path} has no {role}: {name} is missing")
     return path
+
+
+def build_untrained_model(target: str | Path, seed: int = 0) -> Path:
+    """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``:
+    a fast stand-in for tests and benchmarks of the machinery (it writes nonsense).
+
+    ``initializer_range`` is raised so the random model writes varied, input-dependent tokens (and
+    lets tests see StD drafts get accepted and rejected) instead of one token forever."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    target = Path(target)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    spec = DemoModelSpec(text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=128,
+                         vision_dim=32, vision_depth=1, vision_heads=2, initializer_range=0.5)  # fmt: skip
+    model = Qwen2VLForConditionalGeneration(build_config(tokenizer, spec))
+    model.generation_config.do_sample = False
+    shutil.rmtree(target, ignore_errors=True)
+    model.save_pretrained(target)
+    build_processor(tokenizer).save_pretrained(target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------

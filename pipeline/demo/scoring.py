@@ -9,24 +9,32 @@ Metrics (each a fraction in [0, 1]):
   - ``caption_order``: clips whose generated colour sequence equals the ground truth's (same count, same
     order of appearance);
   - ``caption_attributes``: the mean of those four.
-- ``qa``: answers equal to the ground truth after lower-casing and stripping punctuation.
-- ``mcq``: answers whose first standalone option letter (``prompts.parse_mcq_answer``) is the right one.
+- ``qa`` and ``mcq``: the generic metrics of ``pipeline.evaluation`` (``score_qa``: answers equal to the
+  ground truth after lower-casing and stripping punctuation; ``score_mcq``: answers whose first standalone
+  option letter is the right one), imported from there.
 
-``Tally`` accumulates scores and ``summary()`` returns them as one flat dict; ``evaluate_items`` runs
-greedy generation over held-out ``demo_world.EvalItem``s and fills a ``Tally``.
+``Tally`` (``pipeline.evaluation.Tally`` plus ``add_caption``) accumulates scores and ``summary()``
+returns them as one flat dict; ``evaluate_items`` runs greedy generation over held-out
+``world.EvalItem``s and fills a ``Tally``. ``score_caption`` is the caption scorer that
+``pipeline.evaluation`` applies to the demo's own held-out clips.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline import demo_world as world
-from pipeline.prompts import parse_mcq_answer
+from pipeline import evaluation
+from pipeline.demo import world
+from pipeline.evaluation import normalise_answer, score_mcq, score_qa
+from pipeline.prompts import chat_prompt
+
+__all__ = ["Tally", "evaluate_items", "normalise_answer", "parse_caption", "score_caption", "score_mcq",
+           "score_item", "score_qa"]  # fmt: skip
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -72,38 +80,11 @@ def score_caption(generated: str, truth: str) -> dict[str, list[bool]]:
     return hits
 
 
-def normalise_answer(text: str) -> str:
-    """Lower-case words only: ``" Red."`` -> ``"red"``."""
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def score_qa(generated: str, truth: str) -> bool:
-    return normalise_answer(generated) == normalise_answer(truth)
-
-
-def score_mcq(generated: str, truth_letter: str, num_options: int) -> bool:
-    return parse_mcq_answer(generated, num_options) == truth_letter.strip().upper()
-
-
-@dataclass
-class Tally:
-    """Running hit lists per metric; ``summary()`` gives the fractions (NaN-free: empty metrics omitted)."""
-
-    hits: dict[str, list[bool]] = field(default_factory=dict)
-
-    def add(self, metric: str, values: Iterable[bool]) -> None:
-        self.hits.setdefault(metric, []).extend(bool(v) for v in values)
+class Tally(evaluation.Tally):
+    """:class:`pipeline.evaluation.Tally` that also scores demo-world captions."""
 
     def add_caption(self, generated: str, truth: str) -> None:
-        for name, values in score_caption(generated, truth).items():
-            self.add(f"caption_{name}", values)
-
-    def summary(self) -> dict[str, float]:
-        out = {name: float(np.mean(v)) for name, v in sorted(self.hits.items()) if v}
-        parts = [out[f"caption_{a}"] for a in ("colour", "shape", "motion", "order") if f"caption_{a}" in out]
-        if parts:
-            out["caption_attributes"] = float(np.mean(parts))
-        return out
+        self.add_scores("caption_", score_caption(generated, truth))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,12 +92,6 @@ class Tally:
 # ---------------------------------------------------------------------------------------------------
 
 TASKS = ("caption", "qa", "mcq")
-
-
-def chat_prompt(processor: object, prompt: str) -> str:
-    """The chat-template text of one user turn holding the video and ``prompt``, ready for generation."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @torch.no_grad()

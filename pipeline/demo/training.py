@@ -9,7 +9,7 @@ order), so the vision tower and the visual tokens are paid once for several supe
 covers the assistant answers only.
 
 The model sees what the pipeline feeds it: ``n`` frames picked from a clip (32-256 frames) at segment
-centres (``demo_world.segment_centres``, the pipeline's rule). ``n`` follows a curriculum: 8 frames (the
+centres (``frames.segment_centres``, the pipeline's rule). ``n`` follows a curriculum: 8 frames (the
 pipeline's default) for the first ``--short-fraction`` of the steps, then a mix of 8 to 256 frames (the
 long inputs are what the StD benchmark measures). The batch shrinks as ``n`` grows so every step sees
 about the same number of visual tokens.
@@ -17,23 +17,25 @@ about the same number of visual tokens.
 Logged: loss and learning rate, and every ``--eval-every`` steps the teacher-forced held-out exact-match
 rate per task (equal to greedy exact match). At the end, the model is saved with its processor, greedy-
 evaluated on ``--final-eval-clips`` held-out clips that went through H.264, once per frame count in
-``--final-eval-frames``, and its card (README.md) is written. The last stdout line is one JSON object.
+``--final-eval-frames``, and its card (README.md) is written. :func:`train_demo_model` is the whole run;
+``jobs/train_demo_model.py`` maps its flags one-to-one onto :class:`TrainConfig` and prints the summary
+as its last stdout line (one JSON object). Progress is logged (``logging``) and shown as tqdm bars.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads collapse throughput.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -41,11 +43,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
-from pipeline import demo_eval, demo_model  # noqa: E402
-from pipeline import demo_world as world  # noqa: E402
-from pipeline.prompts import CAPTION_PROMPT  # noqa: E402
+from pipeline.config import flag  # noqa: E402
+from pipeline.demo import builders, scoring, world  # noqa: E402
+from pipeline.demo.card import machine, model_card  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.frames import segment_centres  # noqa: E402
+from pipeline.prompts import CAPTION_PROMPT, chat_prompt, user_message  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 FRAME_COUNTS = (8, 16, 32, 64, 128, 256)  # frames per training input after the 8-frame phase
@@ -55,24 +63,32 @@ QA_TURNS, MCQ_TURNS = 3, 2  # per training sequence, besides the caption
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One field per flag (see ``parse_args`` for each one's meaning)."""
+    """One field per ``jobs.train_demo_model`` flag (``jobs/_cli.py`` reads each field's metadata)."""
 
-    steps: int = 3000
-    clips_per_step: int = 8  # at 8 frames; halves each time the frame count doubles (at least 1)
-    lr: float = 5e-4
-    warmup: int = 300
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 2
-    short_fraction: float = 0.3  # the first part of training sees only 8-frame inputs
-    single_shape_fraction: float = 0.0  # the first part of training sees one shape per clip
-    aux_weight: float = 0.0  # weight of the visual-token auxiliary loss (0: the language-model loss only)
-    eval_every: int = 250
-    final_eval_clips: int = 300
-    final_eval_frames: tuple[int, ...] = (8, 32)
-    output: str = str(demo_model.default_model_dir())
-    force: bool = False
+    steps: int = flag(3000, "optimizer steps")
+    clips_per_step: int = flag(8, "batch size at 8 frames (halves each time the frame count doubles, >= 1)")
+    lr: float = flag(5e-4, "peak learning rate (AdamW)")
+    warmup: int = flag(300, "linear warm-up steps")
+    weight_decay: float = flag(0.01, "AdamW weight decay")
+    seed: int = flag(0, "seeds torch and the training clips (0-9)")
+    device: Literal["cpu", "cuda"] = flag("cpu", "where the model trains")
+    threads: int = flag(2, "torch CPU threads")
+    short_fraction: float = flag(0.3, "share of 8-frame-only steps")
+    single_shape_fraction: float = flag(
+        0.0, "share of the first steps that see one shape per clip (a curriculum)"
+    )
+    aux_weight: float = flag(
+        0.0, "weight of a training-only loss on the visual tokens (each token's shape and motion)"
+    )
+    eval_every: int = flag(250, "steps between held-out checks")
+    final_eval_clips: int = flag(300, "0 skips the final eval")
+    final_eval_frames: tuple[int, ...] = flag(
+        (8, 32), "frame counts the final evaluation feeds the model (8 is the pipeline's default)"
+    )
+    output: str = flag(
+        str(builders.default_model_dir()), "model directory to write (the committed demo model by default)"
+    )
+    force: bool = flag(False, "overwrite existing weights in --output")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.clips_per_step < 1 or self.warmup < 0:
@@ -104,10 +120,11 @@ def conversation(clip: world.Clip, rng: np.random.Generator) -> list[dict]:
     turns += [(items[i].prompt, items[i].answer) for i in sorted(multiple)]
     messages = []
     for i in rng.permutation(len(turns)):
-        content = [{"type": "text", "text": turns[i][0]}]
-        if not messages:
-            content.insert(0, {"type": "video"})
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": turns[i][1]}]
+        question, answer = turns[i]
+        messages += [
+            user_message(question, with_video=not messages),
+            {"role": "assistant", "content": answer},
+        ]
     return messages
 
 
@@ -151,7 +168,7 @@ def training_batch(
         clip = world.make_clip(seed)
         if single_shape:  # curriculum: the clip's first shape alone (its script and ground truth follow)
             clip = dataclasses.replace(clip, tracks=clip.tracks[:1])
-        picks = world.segment_centres(clip.num_frames, num_frames)
+        picks = segment_centres(clip.num_frames, num_frames)
         frames = world.render_frames(clip, picks)
         if with_aux:
             aux.append(token_labels(clip, picks))
@@ -245,12 +262,12 @@ def monitor_batches(
     batches = []
     items = [world.eval_item(s) for s in seeds]
     for count in frame_counts:
-        videos = [world.render_frames(i.clip, world.segment_centres(i.clip.num_frames, count)) for i in items]
+        videos = [world.render_frames(i.clip, segment_centres(i.clip.num_frames, count)) for i in items]
         answers = {"caption": [i.caption for i in items], "qa": [i.qa.answer for i in items]}
         answers["mcq"] = [i.mcq.answer for i in items]
-        for task in demo_eval.TASKS:
+        for task in scoring.TASKS:
             texts = [
-                demo_eval.chat_prompt(processor, item.prompts[task]) + answer + "<|im_end|>"
+                chat_prompt(processor, item.prompts[task]) + answer + "<|im_end|>"
                 for item, answer in zip(items, answers[task], strict=True)
             ]
             batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
@@ -309,10 +326,11 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     watch = monitor_batches(processor, world.heldout_seeds(16, offset=900_000), (8, 64))
-    log, smoothed = [], None
+    records, smoothed = [], None
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5, file=sys.stderr)
-    with ThreadPoolExecutor(max_workers=1) as prefetch:  # builds step k + 1 while step k computes
+    # builds step k + 1 while step k computes; log lines go through tqdm.write, beside the bar
+    with ThreadPoolExecutor(max_workers=1) as prefetch, logging_redirect_tqdm():
         upcoming = prefetch.submit(step_batch, processor, cfg, 0)
         for step in bar:
             num_frames, batch = upcoming.result()
@@ -325,9 +343,9 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 record = {"step": step + 1, "loss": round(smoothed, 4), "lr": learning_rate(step, cfg)}
                 record["heldout_teacher_forced"] = monitor(model, watch, cfg.device)
-                log.append(record)
-                tqdm.write(json.dumps(record), file=sys.stderr)
-    return log
+                records.append(record)
+                log.info("%s", json.dumps(record))
+    return records
 
 
 def final_eval(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> dict[str, dict[str, float]]:
@@ -340,154 +358,40 @@ def final_eval(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> d
         def frames_of(clip: world.Clip, count: int = count) -> np.ndarray:
             return world.sample_frames(world.codec_roundtrip(world.render_frames(clip)), count)
 
-        with tqdm(total=len(items), desc=f"eval {count} frames", mininterval=5, file=sys.stderr) as bar:
-            tally = demo_eval.evaluate_items(
+        with (
+            tqdm(total=len(items), desc=f"eval {count} frames", mininterval=5, file=sys.stderr) as bar,
+            logging_redirect_tqdm(),
+        ):
+            tally = scoring.evaluate_items(
                 model, processor, items, frames_of, clips_per_batch=8, progress=bar
             )
         results[f"{count}_frames"] = {k: round(v, 4) for k, v in tally.summary().items()}
-        tqdm.write(json.dumps({f"final_eval_{count}_frames": results[f"{count}_frames"]}), file=sys.stderr)
+        log.info("%s", json.dumps({f"final_eval_{count}_frames": results[f"{count}_frames"]}))
     return results
 
 
-def model_card(s: dict) -> str:
-    """The model card (README.md) of a finished run, from its summary."""
-    acc = s["accuracy"]  # {"8_frames": {metric: value}, ...}
-    metrics = sorted({m for scores in acc.values() for m in scores})
-    rows = [
-        "| metric | " + " | ".join(f"{k.split('_')[0]} frames" for k in acc) + " |",
-        "|---|" + "---|" * len(acc),
-    ]
-    rows += [
-        f"| {m} | " + " | ".join(f"{100 * acc[k].get(m, math.nan):.1f}%" for k in acc) + " |" for m in metrics
-    ]
-    log = [f"| {r['step']} | {r['loss']:.3f} | {json.dumps(r['heldout_teacher_forced'])} |" for r in s["log"]]
-    spec = s["spec"]
-    return "\n".join(
-        [
-            "# demo-video-qwen2-vl: the embedded demo model of std-video-annotate",
-            "",
-            "A tiny Qwen2-VL (`Qwen2VLForConditionalGeneration`) trained from scratch on the procedural world",
-            "of `pipeline/demo_world.py` (coloured shapes that appear, move and disappear). It captions clips",
-            "and answers the world's questions; it knows nothing else. Load it offline like any Qwen2-VL:",
-            "",
-            "```python",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            "from pipeline import default_model_dir",
-            "",
-            "processor = AutoProcessor.from_pretrained(default_model_dir())",
-            "model = AutoModelForImageTextToText.from_pretrained(default_model_dir())",
-            "```",
-            "",
-            "## Architecture",
-            f"- language model: hidden {spec['text_hidden']}, {spec['text_layers']} layers, {spec['text_heads']}"
-            f" query heads / {spec['text_kv_heads']} KV heads (GQA), MLP {spec['text_intermediate']}, M-RoPE,"
-            " tied embeddings, word-level vocabulary of the world with Qwen2-VL's special tokens;",
-            f"- vision tower: width {spec['vision_dim']}, {spec['vision_depth']} blocks, patch 14, temporal patch"
-            " 2, 2x2 merge;",
-            f"- {s['parameters']:,} parameters, model.safetensors {s['weights_mb']} MB (fp32);",
-            "- frames: 168x168 kept as they are, 36 visual tokens per 2 frames (8 frames: 144 tokens, 256"
-            " frames: 4,608); the processor never re-samples frames.",
-            "",
-            "## Training",
-            f"- command: `{s['command']}`",
-            f"- seed {s['config']['seed']}; machine: {s['machine']}",
-            f"- wall time: {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all"
-            f" (with the final evaluation); load average (15 min) at the end of training: {s['load_average']}",
-            f"- SHA-256 of model.safetensors: `{s['sha256']}`",
-            "",
-            "## Held-out accuracy",
-            f"Greedy decoding on {s['final_eval_clips']} held-out clips of 32-256 frames, encoded to H.264 and"
-            " decoded back, of which the model is given N frames at segment centres (the pipeline's rule; its"
-            " default is 8), scored by `pipeline/demo_eval.py` (caption attributes: colour, shape, motion,"
-            " order, and their mean):",
-            "",
-            *rows,
-            "",
-            "Teacher-forced held-out exact match during training (16 clips per frame count):",
-            "",
-            "| step | loss | exact match per task@frames |",
-            "|---|---|---|",
-            *log,
-            "",
-        ]
-    )
-
-
-def machine() -> str:
-    """A one-line description of the machine the run used."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs{gpu}"
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m jobs.train_demo_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--clips-per-step", type=int, default=d.clips_per_step, help="batch size at 8 frames")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds torch and the training clips (0-9)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
-    p.add_argument(
-        "--short-fraction", type=float, default=d.short_fraction, help="share of 8-frame-only steps"
-    )
-    p.add_argument(
-        "--single-shape-fraction",
-        type=float,
-        default=d.single_shape_fraction,
-        help="share of the first steps that see one shape per clip (a curriculum)",
-    )
-    p.add_argument(
-        "--aux-weight",
-        type=float,
-        default=d.aux_weight,
-        help="weight of a training-only loss on the visual tokens (each token's shape and motion)",
-    )
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out checks")
-    p.add_argument("--final-eval-clips", type=int, default=d.final_eval_clips, help="0 skips the final eval")
-    p.add_argument(
-        "--final-eval-frames", type=int, nargs="+", default=list(d.final_eval_frames),
-        help="frame counts the final evaluation feeds the model (8 is the pipeline's default)",
-    )  # fmt: skip
-    p.add_argument("--output", default=d.output, help="model directory to write (default: the committed one)")
-    p.add_argument("--force", action="store_true", help="overwrite existing weights in --output")
-    args = p.parse_args(argv)
-    args.final_eval_frames = tuple(args.final_eval_frames)
-    return TrainConfig(**vars(args))
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+def train_demo_model(cfg: TrainConfig, command: str) -> dict:
+    """The whole run: train from scratch, save the model directory and its card, run the final
+    evaluation. Returns the summary (``command``: how the run was started, for the card). Refuses,
+    with a PipelineError, to overwrite weights in ``cfg.output`` unless ``cfg.force``."""
     out = Path(cfg.output)
     if (out / "model.safetensors").exists() and not cfg.force:
-        raise SystemExit(f"{out / 'model.safetensors'} exists: refusing to overwrite it without --force")
+        raise PipelineError(f"{out / 'model.safetensors'} exists: refusing to overwrite it without --force")
     started = time.time()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    processor = demo_model.build_processor()
-    spec = demo_model.DemoModelSpec()
-    model = Qwen2VLForConditionalGeneration(demo_model.build_config(processor.tokenizer, spec)).to(cfg.device)
-    log = train(cfg, model, processor)
+    processor = builders.build_processor()
+    spec = builders.DemoModelSpec()
+    model = Qwen2VLForConditionalGeneration(builders.build_config(processor.tokenizer, spec)).to(cfg.device)
+    records = train(cfg, model, processor)
     train_seconds, load = time.time() - started, round(os.getloadavg()[2], 1)
-    sha256 = demo_model.save_model_dir(out, model.cpu(), processor)
+    sha256 = builders.save_model_dir(out, model.cpu(), processor)
     accuracy = final_eval(cfg, model, processor) if cfg.final_eval_clips else {}
-    args = sys.argv[1:] if argv is None else argv
     summary = {
         "output": str(out),
-        "command": " ".join(["python -m jobs.train_demo_model", *args]),
+        "command": command,
         "sha256": sha256,
-        "parameters": demo_model.parameter_count(model),
+        "parameters": builders.parameter_count(model),
         "weights_mb": round((out / "model.safetensors").stat().st_size / 1e6, 2),
         "accuracy": accuracy,
         "final_eval_clips": cfg.final_eval_clips,
@@ -497,11 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{machine()}, torch threads {cfg.threads}",
         "config": asdict(cfg),
         "spec": asdict(spec),
-        "log": log,
+        "log": records,
     }
     (out / "README.md").write_text(model_card(summary))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("log", "spec")}))
-
-
-if __name__ == "__main__":
-    main()
+    return {k: v for k, v in summary.items() if k not in ("log", "spec")}

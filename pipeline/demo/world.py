@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.frames import segment_centres
 from pipeline.prompts import CAPTION_PROMPT, format_mcq_prompt
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -255,12 +256,6 @@ def encode_video(frames: np.ndarray, target: str | Path | io.BytesIO, fps: int =
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return target if is_buffer else Path(target)
-
-
-def segment_centres(total: int, count: int) -> list[int]:
-    """Indices of ``count`` frames out of ``total``: the centres of equal segments (the pipeline's rule)."""
-    count = min(total, count)
-    return [min(int((i + 0.5) * total / count), total - 1) for i in range(count)]
 
 
 def sample_frames(frames: np.ndarray, count: int | None) -> np.ndarray:

@@ -10,19 +10,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 
 import pytest
 import torch
 
 from jobs import benchmark
+from jobs._cli import config_from_args
 from pipeline.bench.decoder import BenchModel, DecoderCase, run_case
 from pipeline.bench.measure import DEFAULT_VARIANTS
 from pipeline.bench.presets import PRESETS, build_model
 from pipeline.bench.projection import alpha_for_acceptance
 from pipeline.bench.records import DecoderRecord
 from pipeline.bench.report import cross_project, markdown_table, read_csv
+from pipeline.bench.runner import (
+    SWEEP_BATCHES,
+    SWEEP_FRAMES,
+    SWEEP_VISUAL_TOKENS,
+    DecoderBenchConfig,
+    PresetName,
+    Variant,
+)
 
-pytest_plugins = ["pipeline_fixtures"]
 TINY = ["--visual-tokens", "192", "--batch", "1", "2", "--max-new-tokens", "8", "--repeats", "1",
         "--budget", "48", "--gamma", "3"]  # fmt: skip
 
@@ -137,3 +146,52 @@ def test_job_costs_from_projects_another_runs_costs(tmp_path, capsys: pytest.Cap
 def test_job_reports_a_bad_flag_as_an_error_line(capsys: pytest.CaptureFixture) -> None:
     assert benchmark.main(["decoder", "--acceptance", "1.5"]) == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "error"
+
+
+def _decoder_config(*argv: str) -> DecoderBenchConfig:
+    return config_from_args(DecoderBenchConfig, benchmark.build_parser().parse_args(["decoder", *argv]))
+
+
+def test_decoder_flags_keep_their_names_defaults_and_meaning() -> None:
+    """The flags of the hand-written parser this one replaced, mapped to the same config values."""
+    assert _decoder_config() == DecoderBenchConfig()
+    one = _decoder_config("--budget", "256", "--batch", "1", "8", "--visual-tokens", "1024", "4096")
+    assert (one.sparse_budget, one.batches, one.visual_tokens, one.frames) == (
+        256,
+        (1, 8),
+        (1024, 4096),
+        (64,),
+    )
+    assert (one.preset, one.gamma, one.max_new_tokens, one.repeats, one.padding) == ("kv-bound", 9, 64, 3, 0)
+    assert (one.dtype, one.device, one.threads, one.acceptance_profile) == ("auto", "auto", 1, 0.62)
+    assert one.variants == DEFAULT_VARIANTS and (one.sweep, one.out, one.seed) == (False, "bench-out", 0)
+    assert DecoderBenchConfig().visual_tokens == (4096,) and DecoderBenchConfig().batches == (1,)
+    sweep = _decoder_config("--sweep")  # the sweep's grid where the sizes are not given
+    assert (sweep.visual_tokens, sweep.frames, sweep.batches) == (
+        SWEEP_VISUAL_TOKENS,
+        SWEEP_FRAMES,
+        SWEEP_BATCHES,
+    )
+    assert _decoder_config("--sweep", "--batch", "2").batches == (2,)
+    every = _decoder_config(
+        "--preset", "qwen2-vl-7b", "--model", "m", "--layers", "2", "--frames", "32", "--gamma", "4",
+        "--max-new-tokens", "8", "--repeats", "1", "--padding", "3", "--dtype", "float32", "--device", "cpu",
+        "--threads", "2", "--variants", "std", "dense", "--acceptance", "0.5", "--out", "o",
+        "--costs-from", "c.csv", "--seed", "1", "--init-std", "0.5", "--name", "n",
+    )  # fmt: skip
+    assert every == DecoderBenchConfig(
+        preset="qwen2-vl-7b", model="m", layers=2, frames=(32,), gamma=4, max_new_tokens=8, repeats=1,
+        padding=3, dtype="float32", device="cpu", threads=2, variants=("std", "dense"), acceptance_profile=0.5,
+        out="o", costs_from="c.csv", seed=1, init_std=0.5, name="n",
+    )  # fmt: skip
+    assert typing.get_args(PresetName) == tuple(PRESETS)
+    assert set(typing.get_args(Variant)) >= set(DEFAULT_VARIANTS) | {"std_sink"}
+
+
+@pytest.mark.parametrize(
+    "argv", [["--variants", "fast"], ["--dtype", "int8"], ["--device", "tpu"], ["--preset", "gpt-9"]]
+)
+def test_decoder_flag_choices_fail_in_argparse(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _decoder_config(*argv)
+    assert exit_info.value.code == 2

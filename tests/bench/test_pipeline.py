@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs import benchmark
+from jobs._cli import config_from_args
 from pipeline.bench.pipeline_bench import (
     PipelineBenchConfig,
     _batches,
@@ -21,11 +22,9 @@ from pipeline.bench.pipeline_bench import (
     idle_fraction,
     timeline,
 )
-from pipeline.demo_world import write_sample_dataset
+from pipeline.demo.world import write_sample_dataset
 from pipeline.run import plan_run
 from pipeline.sources import video_rows
-
-pytest_plugins = ["pipeline_fixtures"]
 
 
 def test_idle_fraction_counts_gaps_between_ready_and_the_last_batch() -> None:
@@ -51,7 +50,7 @@ def test_stages_alone_process_every_video(model_dir: Path, tmp_path: Path) -> No
     config = PipelineBenchConfig(model=str(model_dir), videos=3, num_frames=4, batch_size=2, max_new_tokens=4)
     manifest = write_sample_dataset(tmp_path / "videos", num_clips=3)
     pipeline_config = config.pipeline_config(manifest, tmp_path / "out")
-    plan = plan_run(pipeline_config, log=lambda line: None)
+    plan = plan_run(pipeline_config)
     batches = _batches(video_rows(plan.pending), config.batch_size)
     assert [len(b["video_uri"]) for b in batches] == [2, 1]
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
@@ -60,6 +59,19 @@ def test_stages_alone_process_every_video(model_dir: Path, tmp_path: Path) -> No
     annotate = annotate_stage(pipeline_config, plan, decoded)
     assert annotate["annotate_rows_ok"] == 3
     assert annotate["annotate_videos_per_s"] > 0 and annotate["annotate_tokens_per_s"] > 0
+
+
+def test_pipeline_flags_keep_their_names_and_defaults() -> None:
+    def config(*argv: str) -> PipelineBenchConfig:
+        return config_from_args(PipelineBenchConfig, benchmark.build_parser().parse_args(["pipeline", *argv]))
+
+    assert config() == PipelineBenchConfig()
+    assert (PipelineBenchConfig().videos, PipelineBenchConfig().out) == (16, "bench-out/pipeline")
+    argv = ["--model", "m", "--videos", "4", "--num-frames", "8", "--batch-size", "2", "--num-actors", "2",
+            "--ray-cpus", "3", "--decoder", "dense", "--max-new-tokens", "5", "--threads", "2", "--out", "o"]  # fmt: skip
+    assert config(*argv) == PipelineBenchConfig("m", 4, 8, 2, 2, 3, "dense", 5, 2, "o")
+    with pytest.raises(SystemExit):
+        config("--decoder", "fast")
 
 
 def test_pipeline_config_rejects_zero_videos() -> None:

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
-from pipeline import demo_eval, demo_model
-from pipeline import demo_world as world
-from pipeline.prompts import CAPTION_PROMPT
+from pipeline.demo import builders, scoring, world
+from pipeline.frames import segment_centres
+from pipeline.prompts import CAPTION_PROMPT, chat_prompt
 from std_core import SparseToDenseDecoder, StdConfig
 
-REPO = Path(__file__).resolve().parents[1]
-COMMITTED = demo_model.default_model_dir()
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = builders.default_model_dir()
 
 
 def _messages(prompt: str, video: object = None) -> list[dict]:
@@ -32,14 +32,14 @@ def _messages(prompt: str, video: object = None) -> list[dict]:
 
 
 def test_tokenizer_round_trips_every_world_string() -> None:
-    tok = demo_model.build_tokenizer()
+    tok = builders.build_tokenizer()
     unk = tok.convert_tokens_to_ids("<|unk|>")
     for seed in range(200, 260):
         item = world.eval_item(seed)
         for text in (item.caption, item.qa.question, item.qa.answer, item.mcq.prompt, CAPTION_PROMPT):
             ids = tok(text)["input_ids"]
             assert unk not in ids, text
-            assert demo_eval.normalise_answer(tok.decode(ids)) == demo_eval.normalise_answer(text)
+            assert scoring.normalise_answer(tok.decode(ids)) == scoring.normalise_answer(text)
     assert tok.decode(tok("A red circle moves left, then a blue square moves up.")["input_ids"]) == (
         "A red circle moves left, then a blue square moves up."
     )
@@ -47,15 +47,15 @@ def test_tokenizer_round_trips_every_world_string() -> None:
 
 
 def test_special_tokens_are_single_ids() -> None:
-    tok = demo_model.build_tokenizer()
-    for token in demo_model.SPECIAL_TOKENS:
+    tok = builders.build_tokenizer()
+    for token in builders.SPECIAL_TOKENS:
         assert tok(token)["input_ids"] == [tok.convert_tokens_to_ids(token)]
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
 
 
 @pytest.mark.parametrize("num_frames", [32, 33, 64])
 def test_processor_video_tokens_between_vision_markers(num_frames: int) -> None:
-    processor = demo_model.build_processor()
+    processor = builders.build_processor()
     tok = processor.tokenizer
     frames = world.render_frames(world.make_clip(1, num_frames=32 if num_frames == 33 else num_frames))
     if num_frames == 33:  # odd counts are padded to whole temporal patches, never re-sampled
@@ -78,29 +78,29 @@ def test_processor_video_tokens_between_vision_markers(num_frames: int) -> None:
 
 
 def test_config_is_small_gqa_qwen2_vl() -> None:
-    tok = demo_model.build_tokenizer()
-    config = demo_model.build_config(tok)
+    tok = builders.build_tokenizer()
+    config = builders.build_config(tok)
     text = config.text_config
     assert text.num_key_value_heads < text.num_attention_heads
     assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
     model = Qwen2VLForConditionalGeneration(config)
-    assert demo_model.parameter_count(model) <= 10_000_000
+    assert builders.parameter_count(model) <= 10_000_000
     with pytest.raises(ValueError, match="GQA"):
-        demo_model.DemoModelSpec(text_heads=4, text_kv_heads=4)
+        builders.DemoModelSpec(text_heads=4, text_kv_heads=4)
 
 
 def test_committed_dir_loads_offline_through_auto_classes() -> None:
     from pipeline import default_model_dir  # the public name the jobs use when --model is not given
 
-    assert default_model_dir() == demo_model.check_model_dir(COMMITTED)
+    assert default_model_dir() == builders.check_model_dir(COMMITTED)
     assert (COMMITTED / "model.safetensors").stat().st_size <= 30_000_000
     processor = AutoProcessor.from_pretrained(COMMITTED, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(COMMITTED, local_files_only=True)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert processor.video_processor.do_sample_frames is False
-    assert processor.video_processor.size["longest_edge"] == demo_model.MAX_PIXELS
+    assert processor.video_processor.size["longest_edge"] == builders.MAX_PIXELS
     card = (COMMITTED / "README.md").read_text()
-    assert demo_model.sha256_of(COMMITTED / "model.safetensors") in card
+    assert builders.sha256_of(COMMITTED / "model.safetensors") in card
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "processor_config.json"])
@@ -109,9 +109,9 @@ def test_check_model_dir_names_the_missing_file(tmp_path: Path, missing: str) ->
     shutil.copytree(COMMITTED, broken)
     (broken / missing).unlink()
     with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
-        demo_model.check_model_dir(broken)
+        builders.check_model_dir(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        demo_model.check_model_dir(tmp_path / "nowhere")
+        builders.check_model_dir(tmp_path / "nowhere")
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
@@ -126,10 +126,39 @@ def test_train_help() -> None:
     assert result.returncode == 0 and "--force" in result.stdout and "--device" in result.stdout
 
 
-def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> None:
-    from jobs.train_demo_model import TrainConfig, step_batch
+def test_train_flags_keep_their_names_and_defaults() -> None:
+    from jobs._cli import build_parser, config_from_args
+    from pipeline.demo.training import TrainConfig
 
-    processor = demo_model.build_processor()
+    parser = build_parser(TrainConfig, "python -m jobs.train_demo_model", "train")
+    assert config_from_args(TrainConfig, parser.parse_args([])) == TrainConfig()
+    assert TrainConfig().final_eval_frames == (8, 32) and TrainConfig().output == str(COMMITTED)
+    argv = ["--steps", "5", "--clips-per-step", "2", "--lr", "0.001", "--warmup", "1", "--weight-decay", "0.1",
+            "--seed", "3", "--device", "cpu", "--threads", "1", "--short-fraction", "0.5",
+            "--single-shape-fraction", "0.2", "--aux-weight", "0.1", "--eval-every", "2",
+            "--final-eval-clips", "0", "--final-eval-frames", "8", "16", "--output", "/tmp/m", "--force"]  # fmt: skip
+    assert config_from_args(TrainConfig, parser.parse_args(argv)) == TrainConfig(
+        steps=5, clips_per_step=2, lr=0.001, warmup=1, weight_decay=0.1, seed=3, device="cpu", threads=1,
+        short_fraction=0.5, single_shape_fraction=0.2, aux_weight=0.1, eval_every=2, final_eval_clips=0,
+        final_eval_frames=(8, 16), output="/tmp/m", force=True,
+    )  # fmt: skip
+
+
+def test_training_refuses_existing_weights_before_it_builds_anything(tmp_path: Path, capsys) -> None:
+    from jobs import train_demo_model
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert train_demo_model.main(["--output", str(tmp_path), "--steps", "1", "--final-eval-clips", "0"]) == 2
+    out, err = capsys.readouterr()
+    error = json.loads(out.strip().splitlines()[-1])
+    assert error["status"] == "error" and "without --force" in error["error"] and "--force" in err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> None:
+    from pipeline.demo.training import TrainConfig, step_batch
+
+    processor = builders.build_processor()
     cfg = TrainConfig(steps=10, single_shape_fraction=0.5)
     for step, shapes in ((0, {1}), (9, {1, 2, 3})):
         _, batch = step_batch(processor, cfg, step)
@@ -140,11 +169,11 @@ def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> Non
 
 def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
     """The auxiliary labels follow the vision tower's token order: temporal patch, row, column."""
-    from jobs.train_demo_model import token_labels
+    from pipeline.demo.training import token_labels
 
     for seed in range(5):
         clip = world.make_clip(seed)
-        picks = world.segment_centres(clip.num_frames, 8)
+        picks = segment_centres(clip.num_frames, 8)
         labels = token_labels(clip, picks).reshape(4, 6, 6, 2)
         frames = world.render_frames(clip, picks)
         for g in range(4):
@@ -168,11 +197,11 @@ def test_training_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     first = _train(*flags)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert summary["sha256"] == demo_model.sha256_of(out / "model.safetensors")
-    demo_model.check_model_dir(out)
+    assert summary["sha256"] == builders.sha256_of(out / "model.safetensors")
+    builders.check_model_dir(out)
     refused = _train(*flags)
     assert refused.returncode != 0 and "--force" in refused.stderr
-    assert demo_model.sha256_of(out / "model.safetensors") == summary["sha256"]
+    assert builders.sha256_of(out / "model.safetensors") == summary["sha256"]
     forced = _train(*flags, "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert json.loads(forced.stdout.strip().splitlines()[-1])["sha256"] == summary["sha256"]  # reproducible
@@ -195,7 +224,7 @@ def test_committed_model_quality_on_heldout_clips(committed: tuple) -> None:
     processor, model = committed
     torch.set_num_threads(2)  # the largest test model; CI has 2 cores
     items = [world.eval_item(s) for s in world.heldout_seeds(30, offset=500_000)]
-    tally = demo_eval.evaluate_items(model, processor, items, _h264_sample, clips_per_batch=10)
+    tally = scoring.evaluate_items(model, processor, items, _h264_sample, clips_per_batch=10)
     scores = tally.summary()
     # Bounds of what the committed weights learned (its card has the 300-clip figures): a random model
     # names a colour 1 time in 6 and puts events in order about half the time.
@@ -211,8 +240,8 @@ def test_std_equals_dense_on_heldout_clips(committed: tuple, budget: int) -> Non
     (ragged prompts, left padding), with a budget that drops most visual tokens and one that keeps them."""
     processor, model = committed
     items = [world.eval_item(s) for s in world.heldout_seeds(2, offset=700_000)]
-    videos = [world.sample_frames(world.render_frames(i.clip), 32) for i in items for _ in demo_eval.TASKS]
-    texts = [demo_eval.chat_prompt(processor, i.prompts[t]) for i in items for t in demo_eval.TASKS]
+    videos = [world.sample_frames(world.render_frames(i.clip), 32) for i in items for _ in scoring.TASKS]
+    texts = [chat_prompt(processor, i.prompts[t]) for i in items for t in scoring.TASKS]
     batch = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     assert (batch["input_ids"] == processor.tokenizer.pad_token_id).any()  # ragged: left padding
     assert (batch["input_ids"] == model.config.video_token_id).sum(1).min() == 576  # 16 groups x 36 tokens

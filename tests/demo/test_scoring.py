@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import demo_eval
-from pipeline import demo_world as world
+from pipeline import evaluation
+from pipeline.demo import scoring, world
 
 TRUTH = "A red circle moves left, then a blue square moves up."
 
 
 def test_parse_caption_reads_each_clause() -> None:
-    mentions = demo_eval.parse_caption(TRUTH)
+    mentions = scoring.parse_caption(TRUTH)
     assert [(m.colour, m.shape, m.motion) for m in mentions] == [
         ("red", "circle", "left"),
         ("blue", "square", "up"),
     ]
-    assert demo_eval.parse_caption("") == [] and demo_eval.parse_caption("<|unk|> . ,") == []
+    assert scoring.parse_caption("") == [] and scoring.parse_caption("<|unk|> . ,") == []
 
 
 def test_perfect_caption_scores_everything() -> None:
-    tally = demo_eval.Tally()
+    tally = scoring.Tally()
     tally.add_caption(TRUTH, TRUTH)
     assert tally.summary() == {
         "caption_attributes": 1.0,
@@ -43,24 +43,30 @@ def test_perfect_caption_scores_everything() -> None:
     ],
 )
 def test_caption_errors_cost_the_right_attribute(generated: str, expected: tuple) -> None:
-    tally = demo_eval.Tally()
+    tally = scoring.Tally()
     tally.add_caption(generated, TRUTH)
     s = tally.summary()
     assert (s["caption_colour"], s["caption_shape"], s["caption_motion"], s["caption_order"]) == expected
 
 
 def test_qa_and_mcq_scoring() -> None:
-    assert demo_eval.score_qa(" Red.", "red") and not demo_eval.score_qa("red circle", "red")
-    assert demo_eval.score_mcq("B", "B", 4) and not demo_eval.score_mcq("(b) is it", "b", 4)
-    assert demo_eval.score_mcq("B.", "b", 4) and not demo_eval.score_mcq("E", "E", 4)
+    assert scoring.score_qa(" Red.", "red") and not scoring.score_qa("red circle", "red")
+    assert scoring.score_mcq("B", "B", 4) and not scoring.score_mcq("(b) is it", "b", 4)
+    assert scoring.score_mcq("B.", "b", 4) and not scoring.score_mcq("E", "E", 4)
 
 
 def test_ground_truth_scores_perfectly_on_world_items() -> None:
-    tally = demo_eval.Tally()
+    tally = scoring.Tally()
     for seed in world.heldout_seeds(20):
         item = world.eval_item(seed)
-        demo_eval.score_item(
+        scoring.score_item(
             tally, item, {"caption": item.caption, "qa": item.qa.answer, "mcq": item.mcq.answer}
         )
     assert all(v == 1.0 for v in tally.summary().values())
     assert tally.summary()["qa"] == 1.0 and len(tally.hits["qa"]) == 20
+
+
+def test_generic_metrics_are_defined_once_in_the_evaluation() -> None:
+    assert scoring.score_qa is evaluation.score_qa and scoring.score_mcq is evaluation.score_mcq
+    assert scoring.normalise_answer is evaluation.normalise_answer
+    assert issubclass(scoring.Tally, evaluation.Tally)

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import demo_world as world
+from pipeline.demo import world
+from pipeline.frames import FrameSampling, sample_indices, segment_centres
 from pipeline.prompts import LETTERS, format_mcq_prompt
 
 
@@ -128,7 +129,7 @@ def test_events_stay_legible_in_the_pipelines_default_sample() -> None:
     """With PIPELINE_FRAMES frames at segment centres, every shape shows twice and every order is visible."""
     for seed in range(400):
         clip = world.make_clip(seed)
-        picks = world.segment_centres(clip.num_frames, world.PIPELINE_FRAMES)
+        picks = segment_centres(clip.num_frames, world.PIPELINE_FRAMES)
         for track in clip.tracks:
             assert sum(track.appear <= f < track.disappear for f in picks) >= 2, (seed, track)
         by_disappear = sorted(clip.tracks, key=lambda t: t.disappear)
@@ -138,15 +139,13 @@ def test_events_stay_legible_in_the_pipelines_default_sample() -> None:
             assert any(a.disappear <= f < b.disappear for f in picks), seed
 
 
-def test_segment_centres_match_the_pipeline_and_partial_rendering() -> None:
-    assert world.segment_centres(32, 8) == [2, 6, 10, 14, 18, 22, 26, 30]
-    assert world.segment_centres(5, 8) == [0, 1, 2, 3, 4]
-    frames_mod = pytest.importorskip("pipeline.frames")
+def test_the_world_samples_frames_by_the_pipelines_rule_and_renders_them_partially() -> None:
+    assert segment_centres(32, 8) == [2, 6, 10, 14, 18, 22, 26, 30]
+    assert segment_centres(5, 8) == [0, 1, 2, 3, 4]
     for total in (32, 100, 256):
-        expected = frames_mod.sample_indices(total, 16.0, frames_mod.FrameSampling(num_frames=8))
-        assert world.segment_centres(total, 8) == expected
+        assert sample_indices(total, 16.0, FrameSampling(num_frames=8)) == segment_centres(total, 8)
     clip = world.make_clip(4)
-    picks = world.segment_centres(clip.num_frames, 8)
+    picks = segment_centres(clip.num_frames, 8)
     assert np.array_equal(world.render_frames(clip, picks), world.render_frames(clip)[picks])
     assert np.array_equal(world.sample_frames(world.render_frames(clip), 8), world.render_frames(clip, picks))
 

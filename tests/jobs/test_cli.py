@@ -1,5 +1,6 @@
 """The jobs as commands: --help, fail-fast faults (before any model loads), evaluate, and the embedded
-default run exactly as the README's quick start runs it (a subprocess, attached to the session's Ray)."""
+default run exactly as the README's quick start runs it (a subprocess, attached to the session's Ray).
+The flag helper itself is tested in ``test_flags.py``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from jobs import annotate, caption, evaluate
-from pipeline.demo_world import write_sample_dataset
+from pipeline.demo.world import write_sample_dataset
 
-pytest_plugins = ["pipeline_fixtures"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _last_json(capsys: pytest.CaptureFixture) -> dict:
@@ -33,6 +33,7 @@ def test_every_job_has_help(job, capsys) -> None:
         assert flag in text
     assert ("--if-exists" in text) == (job is not annotate)  # annotate always resumes
     assert ("--decoder" in text) == (job is not evaluate)  # evaluate runs both
+    assert "--log-level {debug,info,warning,error}" in text
 
 
 def test_unknown_flag_value_fails_in_argparse(capsys) -> None:
@@ -77,9 +78,9 @@ def test_run_level_faults_fail_fast_before_any_model_loads(
 def test_evaluate_reports_accuracy_exactness_acceptance_and_speedup(
     ray_local: str, model_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    manifest = write_sample_dataset(tmp_path / "samples", num_clips=3, seed=1)  # 3 questions per clip
+    # No --input: the demo world's own clips (3 questions per clip), whose captions the demo scores
     output = tmp_path / "eval"
-    argv = ["--input", str(manifest), "--output", str(output), "--model", str(model_dir),
+    argv = ["--num-samples", "3", "--seed", "1", "--output", str(output), "--model", str(model_dir),
             "--max-new-tokens", "6", "--num-frames", "8", "--sparse-budget", "8", "--gamma", "3"]  # fmt: skip
     assert evaluate.main(argv) == 0  # --task all: caption, qa, mcq
     report = _last_json(capsys)
@@ -104,10 +105,25 @@ def test_evaluate_reports_accuracy_exactness_acceptance_and_speedup(
     assert 0 <= report["acceptance_rate"] <= 1 and report["mean_accepted_per_round"] >= 1
     assert report["speedup"] > 0 and report["std_decode_seconds"] > 0
 
-    assert evaluate.main([*argv, "--task", "mcq", "--output", str(tmp_path / "mcq")]) == 0
+    manifest = write_sample_dataset(
+        tmp_path / "samples", num_clips=3, seed=1
+    )  # the same clips, as a manifest
+    assert (
+        evaluate.main([*argv, "--input", str(manifest), "--task", "mcq", "--output", str(tmp_path / "mcq")])
+        == 0
+    )
     single = _last_json(capsys)
     assert single["tasks"] == ["mcq"] and single["rows"] == 3 and "per_task" not in single
     assert list((tmp_path / "mcq").glob("part-*.parquet"))
+
+    # A user's manifest with captions: counted, not scored by the demo world's attributes
+    assert (
+        evaluate.main([*argv, "--input", str(manifest), "--task", "caption", "--output", str(tmp_path / "c")])
+        == 0
+    )
+    captions = _last_json(capsys)["accuracy"]
+    assert captions["unscored_captions"] == 3 and captions["scored"] == 0
+    assert not any(key.startswith("caption_") for key in captions["std"])
 
 
 @pytest.mark.slow

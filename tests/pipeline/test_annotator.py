@@ -16,11 +16,12 @@ import pytest
 
 from pipeline.annotator import Annotator, AnnotatorSettings
 from pipeline.frames import FrameDecoder, FrameSampling
+from pipeline.prompts import CAPTION_PROMPT, chat_prompt
 from pipeline.schema import SCHEMA
 from pipeline.sources import Item, items_to_json
 from pipeline.storage import StorageOptions
+from std_core import StdConfig
 
-pytest_plugins = ["pipeline_fixtures"]
 MAX_NEW = 12
 SPARSE_BUDGET = 4  # far below the prompt: the sparse drafts get rejected sometimes, so matching is earned
 
@@ -33,8 +34,7 @@ def annotator(model_dir: Path) -> Annotator:
         run_id="t1",
         dense_sample=-1,
         max_new_tokens=MAX_NEW,
-        gamma=3,
-        sparse_budget=SPARSE_BUDGET,
+        std=StdConfig(gamma=3, sparse_budget=SPARSE_BUDGET),
     )
     return Annotator(settings)
 
@@ -141,7 +141,7 @@ def test_a_divergence_is_reported_with_position_and_margin(
         tmp_path, clip_bytes, {"red-left.mp4": [_item("red-left.mp4")], "blue-up.mp4": [_item("blue-up.mp4")]}
     )
     prompt_len = annotator.processor(
-        text=[annotator._chat("Describe the video.")] * 2, videos=[np.array(f) for f in batch["frames"]],
+        text=[chat_prompt(annotator.processor, CAPTION_PROMPT)] * 2, videos=[np.array(f) for f in batch["frames"]],
         padding=True, return_tensors="pt")["input_ids"].shape[1]  # fmt: skip
     original = annotator.dense
     annotator.dense = _FlipSecondToken(original, prompt_len)

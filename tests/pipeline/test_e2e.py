@@ -23,7 +23,6 @@ from pipeline.config import PipelineConfig
 from pipeline.run import build_dataset, plan_run, run_pipeline
 from pipeline.schema import SCHEMA
 
-pytest_plugins = ["pipeline_fixtures"]
 pytestmark = pytest.mark.slow
 
 GOOD = ["red-left.mp4", "green-right.mp4", "blue-up.mp4", "short.mp4"]
@@ -61,18 +60,22 @@ def bucket(ray_local: str, s3_endpoint: str, clip_bytes: dict[str, bytes]) -> st
 
 @pytest.fixture(scope="module")
 def caption_run(bucket: str, model_dir: Path) -> dict:
-    """``jobs.caption`` over the manifest of good and bad clips, into S3."""
+    """``jobs.caption`` over the manifest of good and bad clips, into S3; what it wrote is read back at
+    once, so no test depends on another's order (tests that add rows work on a copy of the output)."""
     argv = ["--input", f"s3://{bucket}/manifest.jsonl", "--output", f"s3://{bucket}/captions", "--model",
             str(model_dir), "--rows-per-file", "4", *FAST]  # fmt: skip
-    return {"argv": argv, "rc": caption.main(argv)}
-
-
-def test_caption_rows_statuses_schema_and_summary(caption_run: dict, bucket: str, capsys) -> None:
-    assert caption_run["rc"] == 0
+    rc = caption.main(argv)
     fs = s3fs.S3FileSystem()
     parts = sorted(fs.glob(f"{bucket}/captions/part-*.parquet"))
-    assert len(parts) == 3  # 9 rows, 4 per file
     tables = [pq.read_table(p, filesystem=fs) for p in parts]
+    summary = json.loads(fs.cat(f"{bucket}/captions/_summary.json"))
+    return {"argv": argv, "rc": rc, "tables": tables, "summary": summary}
+
+
+def test_caption_rows_statuses_schema_and_summary(caption_run: dict, bucket: str) -> None:
+    assert caption_run["rc"] == 0
+    tables = caption_run["tables"]
+    assert len(tables) == 3  # 9 rows, 4 per file
     assert all(t.schema == SCHEMA for t in tables)
     rows = {r["video_id"]: r for t in tables for r in t.to_pylist()}
     assert sum(t.num_rows for t in tables) == len(rows) == len(GOOD) + len(BAD)  # nothing lost, no duplicate
@@ -85,7 +88,7 @@ def test_caption_rows_statuses_schema_and_summary(caption_run: dict, bucket: str
         row = rows[video.split(".")[0]]
         assert row["status"] == "error" and reason in row["error"], row
         assert row["video_uri"] == f"s3://{bucket}/clips/{video}"
-    summary = json.loads(fs.cat(f"{bucket}/captions/_summary.json"))
+    summary = caption_run["summary"]
     assert (summary["rows"], summary["rows_ok"], summary["rows_error"], summary["videos"]) == (9, 4, 5, 9)
     assert summary["frames"] == 3 * 8 + 3 and summary["status"] == "ok" and summary["files"] == 3
     assert summary["generated_tokens"] == sum(r["generated_tokens"] or 0 for r in rows.values())
@@ -102,7 +105,11 @@ def test_caption_refuses_an_output_that_holds_rows(caption_run: dict, capsys) ->
 
 
 def test_annotate_retries_only_items_without_an_ok_row(caption_run: dict, bucket: str, capsys) -> None:
-    assert annotate.main(caption_run["argv"]) == 0
+    fs = s3fs.S3FileSystem()
+    fs.copy(f"{bucket}/captions/", f"{bucket}/captions-retry/", recursive=True)  # leave the run's output be
+    argv = list(caption_run["argv"])
+    argv[argv.index("--output") + 1] = f"s3://{bucket}/captions-retry"
+    assert annotate.main(argv) == 0
     summary = _last_json(capsys)
     assert (summary["items_skipped"], summary["rows_expected"], summary["rows_error"]) == (4, 5, 5)
 
@@ -184,7 +191,7 @@ def test_cpu_fallback_keeps_decoding_a_separate_task_stage(
     (tmp_path / "clips" / "a.mp4").write_bytes(clip_bytes["red-left.mp4"])
     config = PipelineConfig(input=str(tmp_path / "clips"), output=str(tmp_path / "out"), model=str(model_dir),
                             num_gpus=0, max_new_tokens=2, dense_sample=0)  # fmt: skip
-    ds = build_dataset(config, plan_run(config, log=lambda _: None), num_gpus=0.0).materialize()
+    ds = build_dataset(config, plan_run(config), num_gpus=0.0).materialize()
     stats = ds.stats()
     assert "MapBatches(decode_frames)" in stats and "decode_frames)->MapBatches(Annotator)" not in stats
     assert ds.take_all()[0]["status"] == "ok"

@@ -25,7 +25,6 @@ from pipeline.frames import (
 )
 from pipeline.storage import StorageOptions
 
-pytest_plugins = ["pipeline_fixtures"]
 BAD_CLIPS = {
     "truncated.mp4": "not a decodable video",
     "corrupt.mp4": "not a decodable video",

@@ -12,8 +12,6 @@ from pipeline.errors import PipelineError
 from pipeline.models import check_model, load_model, pixel_limit, resolve_model
 from pipeline.storage import StorageOptions
 
-pytest_plugins = ["pipeline_fixtures"]
-
 
 @pytest.fixture
 def s3_model(model_dir: Path, s3_endpoint: str, s3_bucket: str) -> str:
@@ -36,7 +34,7 @@ def test_an_s3_model_is_copied_once_into_the_cache_and_loads(
 
 
 def test_pixel_limit_comes_from_the_processor_config(model_dir: Path, s3_model: str) -> None:
-    from pipeline.demo_model import MAX_PIXELS
+    from pipeline.demo.builders import MAX_PIXELS
 
     assert pixel_limit(str(model_dir), StorageOptions()) == MAX_PIXELS
     assert pixel_limit(s3_model, StorageOptions()) == MAX_PIXELS

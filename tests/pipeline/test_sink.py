@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +16,6 @@ from pipeline.schema import NAMES, SCHEMA, to_table
 from pipeline.sink import ParquetSink, ok_ids, part_files, read_rows, remove_outputs, write_json
 from pipeline.storage import StorageOptions
 
-pytest_plugins = ["pipeline_fixtures"]
 LOCAL = StorageOptions()
 
 
@@ -113,16 +112,17 @@ def test_accounting_summary_from_rows() -> None:
     assert "rows 4/4" in accounting.progress_line()
 
 
-def test_progress_prints_rate_limited_lines_and_no_repeats() -> None:
-    accounting, stream = RunAccounting(expected_rows=2), io.StringIO()
-    progress = Progress(accounting, interval=3600, stream=stream)
+def test_progress_logs_rate_limited_lines_and_no_repeats(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.accounting")
+    accounting = RunAccounting(expected_rows=2)
+    progress = Progress(accounting, interval=3600)
     accounting.add(to_table([_row(0)]))
     progress.update()  # the first rows: printed at once
     accounting.add(to_table([_row(1, "error")]))
     progress.update()  # within the interval: quiet
     progress.update(force=True)  # the end of the run
     progress.update(force=True)  # nothing new: no repeated line
-    lines = stream.getvalue().splitlines()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.accounting"]
     assert [line.split(" videos")[0] for line in lines] == [
         "[progress] rows 1/2 (ok 1, error 0)",
         "[progress] rows 2/2 (ok 1, error 1)",

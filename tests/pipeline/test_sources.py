@@ -19,7 +19,6 @@ from pipeline.prompts import format_mcq_prompt
 from pipeline.sources import expand_items, items_from_json, read_records, video_rows
 from pipeline.storage import StorageOptions, check_reachable
 
-pytest_plugins = ["pipeline_fixtures"]
 LOCAL = StorageOptions()
 
 
@@ -163,5 +162,8 @@ def test_unreachable_endpoint_fails_fast_in_seconds(s3_endpoint: str) -> None:
     assert time.perf_counter() - start < 20
 
 
-def test_existing_bucket_passes(s3_bucket: str) -> None:
-    check_reachable(f"s3://{s3_bucket}/anything/", StorageOptions(), "--output")
+def test_an_existing_bucket_passes_where_a_missing_one_beside_it_fails(s3_bucket: str) -> None:
+    # an output prefix that does not exist yet is fine: the bucket is what must exist
+    assert check_reachable(f"s3://{s3_bucket}/not-yet/", StorageOptions(), "--output") is None
+    with pytest.raises(PipelineError, match=f"bucket '{s3_bucket}-missing' does not exist"):
+        check_reachable(f"s3://{s3_bucket}-missing/not-yet/", StorageOptions(), "--output")

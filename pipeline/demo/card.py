@@ -1,0 +1,92 @@
+"""The demo model's card (README.md) and the machine line it records, from a training run's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def model_card(s: dict) -> str:
+    """The model card (README.md) of a finished run, from its summary."""
+    acc = s["accuracy"]  # {"8_frames": {metric: value}, ...}
+    metrics = sorted({m for scores in acc.values() for m in scores})
+    rows = [
+        "| metric | " + " | ".join(f"{k.split('_')[0]} frames" for k in acc) + " |",
+        "|---|" + "---|" * len(acc),
+    ]
+    rows += [
+        f"| {m} | " + " | ".join(f"{100 * acc[k].get(m, math.nan):.1f}%" for k in acc) + " |" for m in metrics
+    ]
+    log_rows = [
+        f"| {r['step']} | {r['loss']:.3f} | {json.dumps(r['heldout_teacher_forced'])} |" for r in s["log"]
+    ]
+    spec = s["spec"]
+    return "\n".join(
+        [
+            "# demo-video-qwen2-vl: the embedded demo model of std-video-annotate",
+            "",
+            "A tiny Qwen2-VL (`Qwen2VLForConditionalGeneration`) trained from scratch on the procedural world",
+            "of `pipeline/demo/world.py` (coloured shapes that appear, move and disappear). It captions clips",
+            "and answers the world's questions; it knows nothing else. Load it offline like any Qwen2-VL:",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            "from pipeline import default_model_dir",
+            "",
+            "processor = AutoProcessor.from_pretrained(default_model_dir())",
+            "model = AutoModelForImageTextToText.from_pretrained(default_model_dir())",
+            "```",
+            "",
+            "## Architecture",
+            f"- language model: hidden {spec['text_hidden']}, {spec['text_layers']} layers, {spec['text_heads']}"
+            f" query heads / {spec['text_kv_heads']} KV heads (GQA), MLP {spec['text_intermediate']}, M-RoPE,"
+            " tied embeddings, word-level vocabulary of the world with Qwen2-VL's special tokens;",
+            f"- vision tower: width {spec['vision_dim']}, {spec['vision_depth']} blocks, patch 14, temporal patch"
+            " 2, 2x2 merge;",
+            f"- {s['parameters']:,} parameters, model.safetensors {s['weights_mb']} MB (fp32);",
+            "- frames: 168x168 kept as they are, 36 visual tokens per 2 frames (8 frames: 144 tokens, 256"
+            " frames: 4,608); the processor never re-samples frames.",
+            "",
+            "## Training",
+            f"- command: `{s['command']}`",
+            f"- seed {s['config']['seed']}; machine: {s['machine']}",
+            f"- wall time: {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all"
+            f" (with the final evaluation); load average (15 min) at the end of training: {s['load_average']}",
+            f"- SHA-256 of model.safetensors: `{s['sha256']}`",
+            "",
+            "## Held-out accuracy",
+            f"Greedy decoding on {s['final_eval_clips']} held-out clips of 32-256 frames, encoded to H.264 and"
+            " decoded back, of which the model is given N frames at segment centres (the pipeline's rule; its"
+            " default is 8), scored by `pipeline/demo/scoring.py` (caption attributes: colour, shape, motion,"
+            " order, and their mean):",
+            "",
+            *rows,
+            "",
+            "Teacher-forced held-out exact match during training (16 clips per frame count):",
+            "",
+            "| step | loss | exact match per task@frames |",
+            "|---|---|---|",
+            *log_rows,
+            "",
+        ]
+    )
+
+
+def machine() -> str:
+    """A one-line description of the machine the run used."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs{gpu}"
