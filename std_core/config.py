@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: The ``model_type`` of every architecture StD supports (``...ForConditionalGeneration`` models).
+SUPPORTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+
 Mode = Literal["std", "dense", "auto"]
 Verify = Literal["parallel", "sequential"]
 Selection = Literal["text_topk", "sink_window"]

@@ -146,12 +146,12 @@ class _Decode:
         pad_id = int(pad) if pad is not None else 0  # fills each row's output after its end
         self.rows = Rows(input_ids, self.stop, pad_id, spare=self.gamma + 2)  # committed tokens, counts
         # which prompt positions are real, visual, scoring text; how many the sparse cache keeps
-        self.layout = _prompt_layout(spec, config, input_ids, model_kwargs.get("attention_mask"))
+        self.layout = self.prompt_layout(input_ids, model_kwargs)
         capacity = input_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1
         self.dense = SlotCache(spec.num_layers, capacity)  # every prompt and committed token
         text_topk = self.gamma and config.selection == "text_topk"
         # scores the visual tokens from the prefill's text queries (None: no sparse cache, sink_window)
-        self.observer = SelectionObserver(self.layout, self.timer) if text_topk else None
+        self.observer = self.selection_observer() if text_topk else None
         logits = self.prefill(input_ids, model_kwargs)  # [B, 1, V]
         self.sparse = self.select() if self.gamma else None  # the kept prompt + committed tokens
         self.sparse_behind = [0] * input_ids.shape[0]  # committed tokens not yet in the sparse cache
@@ -168,6 +168,14 @@ class _Decode:
         return GenerateResult(self.rows.sequences(), self.stats())
 
     # ------------------------------------------------------------------------------ prefill, select
+    def prompt_layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
+        """The prompt in dense-cache slots: here the left-padded prompt itself."""
+        return _prompt_layout(self.spec, self.config, input_ids, model_kwargs.get("attention_mask"))
+
+    def selection_observer(self) -> SelectionObserver:
+        """Scores the visual tokens during :meth:`prefill` (one forward over the whole prompt)."""
+        return SelectionObserver(self.layout, self.timer)
+
     def prefill(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Dense prefill with the model's own attention; returns the last position's logits [B, 1, V]."""
         length = input_ids.shape[1]

@@ -212,6 +212,25 @@ class SlotCache(Cache):
         cache.reset_rows(starts, torch.full_like(starts, kept))
         return cache
 
+    @classmethod
+    def from_prefixes(cls, prefixes: list[SlotCache], rows: list[int], capacity: int) -> SlotCache:
+        """A cache whose row ``b`` starts with a copy of the one row of ``prefixes[rows[b]]`` (a
+        video's prompt prefix, shared by several questions), with room for ``capacity`` slots per row."""
+        cache = cls(len(prefixes[0].layers), capacity)
+        lengths = [prefixes[v]._lengths_host[0] for v in rows]
+        for i, layer in enumerate(cache.layers):
+            first = prefixes[0].layers[i]
+            empty = first.keys[:, :, :0].expand(len(rows), -1, -1, -1)
+            layer.lazy_initialization(empty, first.values[:, :, :0].expand(len(rows), -1, -1, -1))
+            for v, source in enumerate(prefixes):
+                members = [b for b, r in enumerate(rows) if r == v]
+                n = source._lengths_host[0]
+                layer.keys[members, :, :n] = source.layers[i].keys[:, :, :n]
+                layer.values[members, :, :n] = source.layers[i].values[:, :, :n]
+        starts = torch.zeros(len(rows), dtype=torch.long, device=prefixes[0].lengths.device)
+        cache.reset_rows(starts, torch.tensor(lengths, device=starts.device))
+        return cache
+
     def nbytes(self) -> int:
         """Bytes held by the key/value buffers (both tensors, all layers)."""
         return sum(

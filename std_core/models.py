@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+from std_core.config import SUPPORTED_ARCHITECTURES
+
 _MROPE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 

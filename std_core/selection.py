@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from std_core.stats import PhaseTimer
 
@@ -63,8 +64,25 @@ def visual_scores(
     Each query attends causally to the valid keys up to its own position, over all keys (text
     included), exactly the softmax the model computed, in fp32.
     """
-    heads, length, dim = query.shape
-    kv_heads = key.shape[0]
+    return visual_score_sums(query, key, query_pos, key_valid, scaling) / max(1, query_pos.numel())
+
+
+def visual_score_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    query_offset: int = 0,
+) -> torch.Tensor:
+    """:func:`visual_scores` before the average over the text queries: ``[KVH, L]`` fp32 sums.
+
+    ``query [H, q, D]`` holds the queries of positions ``[query_offset, query_offset + q)`` (a
+    suffix prefilled after a cached prefix: ``query_offset`` = the prefix length); ``query_pos`` are
+    absolute positions, as the keys ``[KVH, L, D]`` are indexed.
+    """
+    heads, dim = query.shape[0], query.shape[2]
+    kv_heads, length = key.shape[0], key.shape[1]
     groups = heads // kv_heads
     keys = key.float()
     total = torch.zeros(kv_heads, length, dtype=torch.float32, device=key.device)
@@ -72,12 +90,12 @@ def visual_scores(
     chunk = max(1, _SCORE_CHUNK_BYTES // max(1, heads * length * 4))
     for start in range(0, query_pos.numel(), chunk):
         pos = query_pos[start : start + chunk]
-        q = query[:, pos].float().reshape(kv_heads, groups * pos.numel(), dim)
+        q = query[:, pos - query_offset].float().reshape(kv_heads, groups * pos.numel(), dim)
         logits = torch.matmul(q, keys.transpose(1, 2)) * scaling  # [KVH, G*T, L]
         allowed = key_valid[None, :] & (positions[None, :] <= pos[:, None])  # [T, L]
         logits = logits.masked_fill(~allowed.repeat(groups, 1)[None], float("-inf"))
         total += torch.softmax(logits, dim=-1).sum(dim=1)
-    return total / max(1, query_pos.numel())
+    return total
 
 
 def keep_index(
@@ -137,3 +155,63 @@ class SelectionObserver:
                 for b, pos in enumerate(self._query_pos)
             ]
             self.index[layer_idx], self.starts = keep_index(torch.stack(rows), self.layout)
+
+
+class SharedPrefixObserver:
+    """The text-guided top-K index of prompts prefilled in two steps, ranked as
+    :class:`SelectionObserver` ranks the whole prompt.
+
+    Row b's prompt is its video's prefix (slots ``[0, P_b)``, prefilled once per video, batch 1:
+    :meth:`prefix`) followed by its own suffix (slots ``[P_b, P_b + S_b)``, one forward for every
+    row: :meth:`suffix`). ``layout`` is in those slots. A row's score is the attention of the score
+    queries in its prefix (shared by the video's rows) plus those in its suffix, over their count:
+    the average of :func:`visual_scores` over the whole prompt. Each row gets its own top-K.
+    """
+
+    def __init__(
+        self, layout: PromptLayout, prefix_lengths: list[int], video_of_row: list[int], timer: PhaseTimer
+    ) -> None:
+        self.layout = layout
+        self.timer = timer
+        self.prefix_lengths = prefix_lengths  # [Q] P_b
+        self.video_of_row = video_of_row  # [Q] which prefix row b continues
+        self.index: dict[int, torch.Tensor] = {}
+        self.starts: torch.Tensor | None = None
+        queries = layout.score_queries
+        first_row = {v: video_of_row.index(v) for v in sorted(set(video_of_row))}
+        self._prefix_pos = {
+            v: queries[b, : prefix_lengths[b]].nonzero().flatten() for v, b in first_row.items()
+        }
+        self._suffix_pos = [
+            queries[b, p:].nonzero().flatten() + p for b, p in enumerate(prefix_lengths)
+        ]  # absolute slots
+        self._prefix_sums: dict[tuple[int, int], torch.Tensor] = {}  # (video, layer) -> [KVH, P_v]
+
+    def prefix(
+        self, video: int, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float
+    ) -> None:
+        """Observe the prefill of ``video``'s prefix: query ``[1, H, P, D]``, key ``[1, KVH, P, D]``."""
+        with self.timer.phase("select"):
+            pos = self._prefix_pos[video]
+            valid = torch.ones(key.shape[2], dtype=torch.bool, device=key.device)
+            sums = torch.zeros(key.shape[1], key.shape[2], device=key.device)
+            if pos.numel():
+                sums = visual_score_sums(query[0], key[0], pos, valid, scaling)
+            self._prefix_sums[video, layer_idx] = sums
+
+    def suffix(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Observe the suffixes' prefill: query ``[Q, H, S, D]`` (row b's at slots ``P_b + i``), key
+        ``[Q, KVH, max P + S, D]``; keep this layer's index ``[Q, KVH, K_max]``."""
+        with self.timer.phase("select"):
+            rows = []
+            for b, pos in enumerate(self._suffix_pos):
+                video, offset = self.video_of_row[b], self.prefix_lengths[b]
+                total = F.pad(self._prefix_sums[video, layer_idx], (0, key.shape[2] - offset))
+                if pos.numel():
+                    total = total + visual_score_sums(
+                        query[b], key[b], pos, self.layout.valid[b], scaling, query_offset=offset
+                    )
+                rows.append(total / max(1, pos.numel() + self._prefix_pos[video].numel()))
+            self.index[layer_idx], self.starts = keep_index(torch.stack(rows), self.layout)
+            for video in self._prefix_pos:
+                del self._prefix_sums[video, layer_idx]

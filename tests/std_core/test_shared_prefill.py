@@ -1,0 +1,219 @@
+"""Shared prefill: many questions about one video decode from one prefill of the video, losslessly.
+
+Method: the oracle is ``model.generate(do_sample=False)`` on each question's own full prompt (batch
+1, same video, same max_new_tokens). :func:`std_core.generate_shared` gets the processor outputs of
+those same full prompts (the pixel values only in the first question of each video) and must return,
+token for token, each oracle row, laid out as ``generate`` lays out a left-padded batch of the full
+prompts. The questions have different lengths and the tiny models' outputs differ across them
+(asserted), so a question decoded against the wrong suffix, positions or prefix fails.
+
+Numerics: exact in fp32. In bf16/fp16 the split prefill (prefix, then suffix) reduces in a different
+order than one forward over the prompt, so a near-tie may flip; ``first_divergence`` on the
+question's full prompt reports the dense margin there (used below on an exact row).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from std_core import SparseToDenseDecoder, StdConfig, first_divergence, generate_shared
+from std_core import decoder as decoder_module
+from std_core.shared_prefill import _SharedDecode
+from tests import tiny_models as tm
+
+MAX_NEW = 24
+QUESTIONS = [
+    "how many frames ?",
+    "describe the video",
+    "what colour is the square ? answer with the option letter",
+    "which shape moves left then right and appears first ? A B C D",
+]
+# (frames, height, width) of the two videos: a few hundred visual tokens in the first.
+VIDEOS = {
+    "qwen2_vl": [(16, 112, 140), (8, 56, 84)],
+    "qwen2_5_vl": [(16, 112, 140), (8, 56, 84)],
+    "qwen3_vl": [(16, 128, 128), (8, 64, 96)],
+    "llava_onevision": [(16, 56, 56), (8, 56, 56)],
+}
+SMALL_BUDGET = 48  # m_t + a few dozen visual tokens: some drafts are rejected
+
+
+class Case:
+    """A tiny model, two videos, per-question full-prompt inputs and the per-question oracle."""
+
+    def __init__(self, arch: str) -> None:
+        self.tiny = tm.build(arch)
+        self.pad = int(self.tiny.model.generation_config.pad_token_id)
+        videos = [tm.random_video(t, h, w, seed=i) for i, (t, h, w) in enumerate(VIDEOS[arch])]
+        self.questions = [
+            [tm.make_inputs(self.tiny, [video], [q]) for q in QUESTIONS[: 4 - v]]
+            for v, video in enumerate(videos)
+        ]
+        self.references = [
+            [self.tiny.model.generate(**q, max_new_tokens=MAX_NEW, do_sample=False) for q in questions]
+            for questions in self.questions
+        ]
+
+    def shared(
+        self, config: StdConfig, videos: list[int]
+    ) -> tuple[decoder_module.GenerateResult, torch.Tensor]:
+        """generate_shared over ``videos`` (pixels only in each video's first question) and the
+        expected ``sequences``: the oracle rows, laid out as a left-padded ``generate`` batch."""
+        groups = [[self.questions[v][0]] + [_tokens_only(q) for q in self.questions[v][1:]] for v in videos]
+        decoder = SparseToDenseDecoder(self.tiny.model, config)
+        result = generate_shared(decoder, groups, max_new_tokens=MAX_NEW)
+        rows = [(q, r) for v in videos for q, r in zip(self.questions[v], self.references[v], strict=True)]
+        return result, _expected(rows, self.pad)
+
+
+def _tokens_only(question: dict) -> dict:
+    return {k: v for k, v in question.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+
+def _expected(rows: list[tuple[dict, torch.Tensor]], pad: int) -> torch.Tensor:
+    """Each oracle row ``[1, L_q + new_q]`` left padded to the longest prompt, right padded with pad."""
+    prompt = max(q["input_ids"].shape[1] for q, _ in rows)
+    width = prompt + max(r.shape[1] - q["input_ids"].shape[1] for q, r in rows)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for b, (q, r) in enumerate(rows):
+        start = prompt - q["input_ids"].shape[1]
+        out[b, start : start + r.shape[1]] = r[0]
+    return out
+
+
+_CASES: dict[str, Case] = {}
+
+
+def case(arch: str) -> Case:
+    if arch not in _CASES:
+        _CASES[arch] = Case(arch)
+    return _CASES[arch]
+
+
+def assert_same(result: torch.Tensor, reference: torch.Tensor) -> None:
+    assert result.shape == reference.shape, f"{tuple(result.shape)} != {tuple(reference.shape)}"
+    mismatch = (result != reference).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (row, col): {mismatch[0].tolist()}"
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_reference_outputs_differ_across_questions(arch: str) -> None:
+    c = case(arch)
+    for questions, references in zip(c.questions, c.references, strict=True):
+        generated = [
+            tuple(r[0, q["input_ids"].shape[1] :].tolist())
+            for q, r in zip(questions, references, strict=True)
+        ]
+        assert len(set(generated)) == len(generated), "each question must get its own answer"
+        assert len({q["input_ids"].shape[1] for q in questions}) == len(questions), "lengths must differ"
+    visual = (c.questions[0][0]["input_ids"] == c.tiny.model.config.video_token_id).sum()
+    assert int(visual) >= 100, "the first video needs a few hundred visual tokens"
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["std", "dense"])
+def test_shared_prefill_equals_generate_per_question(arch: str, mode: str) -> None:
+    c = case(arch)
+    result, expected = c.shared(StdConfig(mode=mode, gamma=4, sparse_budget=SMALL_BUDGET), videos=[0])
+    assert_same(result.sequences, expected)
+    assert len(result.stats.rows) == len(QUESTIONS)
+    if mode == "std":
+        total = result.stats.total
+        assert 0 < total.accepted < total.drafted, "the small budget must reject some drafts, accept some"
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_several_videos_with_several_questions_in_one_batch(arch: str) -> None:
+    c = case(arch)
+    result, expected = c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
+    assert_same(result.sequences, expected)
+    assert result.stats.visual_tokens[0] != result.stats.visual_tokens[-1]  # rows of both videos
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_keeping_every_visual_token_accepts_every_draft(arch: str) -> None:
+    """Draft ≡ dense when K = all visual tokens: any wrong suffix position would reject drafts."""
+    c = case(arch)
+    result, expected = c.shared(StdConfig(gamma=4, sparse_budget=10**6), videos=[0])
+    assert_same(result.sequences, expected)
+    assert all(row.accepted == row.drafted and row.rejections == 0 for row in result.stats.rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_sink_window_draft_equals_generate(arch: str) -> None:
+    c = case(arch)
+    config = StdConfig(gamma=4, sparse_budget=SMALL_BUDGET, selection="sink_window")
+    result, expected = c.shared(config, videos=[0, 1])
+    assert_same(result.sequences, expected)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_the_vision_tower_runs_once_per_video(arch: str) -> None:
+    c = case(arch)
+    base = c.tiny.model.model
+    tower = base.visual if hasattr(base, "visual") else base.vision_tower
+    calls = []
+    handle = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0])
+        assert len(calls) == 1, f"{len(QUESTIONS)} questions, one video: {len(calls)} vision forwards"
+        c.shared(StdConfig(mode="dense"), videos=[0, 1])
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+@pytest.mark.parametrize("queries", ["all_text", "after_visual"])
+def test_each_question_selects_its_own_visual_tokens(
+    arch: str, queries: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row's top-K comes from its own text queries: the questions' kept sets differ, and each
+    equals the kept set of that question decoded alone on its full prompt."""
+    c = case(arch)
+    seen: list[tuple[bool, list[torch.Tensor], torch.Tensor]] = []
+    real_select = decoder_module._Decode.select
+
+    def recording_select(self: decoder_module._Decode) -> object:
+        index = [self.observer.index[i] for i in range(self.spec.num_layers)]
+        seen.append((isinstance(self, _SharedDecode), index, self.observer.starts))
+        return real_select(self)
+
+    monkeypatch.setattr(decoder_module._Decode, "select", recording_select)
+    config = StdConfig(gamma=4, sparse_budget=SMALL_BUDGET, selection_queries=queries)
+    c.shared(config, videos=[0])
+    for q in c.questions[0]:
+        SparseToDenseDecoder(c.tiny.model, config).generate(**q, max_new_tokens=2)
+    (_, shared_index, shared_starts), alone = seen[0], seen[1:]
+    kept = [_kept(shared_index, shared_starts, b) for b in range(len(QUESTIONS))]
+    assert len({tuple(map(tuple, k)) for k in kept}) == len(QUESTIONS), "selections must differ per question"
+    for b, (is_shared, index, starts) in enumerate(alone):
+        assert not is_shared
+        assert kept[b] == _kept(index, starts, 0), f"question {b}: shared selection != full-prompt selection"
+
+
+def _kept(index: list[torch.Tensor], starts: torch.Tensor, row: int) -> list[list[int]]:
+    """Row ``row``'s kept slots per (layer, KV head), as lists."""
+    return [head.tolist() for layer in index for head in layer[row, :, int(starts[row]) :]]
+
+
+def test_divergence_diagnostic_reads_a_shared_row() -> None:
+    c = case("qwen2_vl")
+    result, expected = c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0])
+    question, reference = c.questions[0][2], c.references[0][2]
+    offset = result.sequences.shape[1] - MAX_NEW - question["input_ids"].shape[1]
+    row = result.sequences[2:3, offset : offset + reference.shape[1]]
+    assert first_divergence(c.tiny.model, question, row, reference) == [None]
+    altered = row.clone()
+    altered[0, -3] = (int(altered[0, -3]) + 1) % tm.VOCAB_SIZE
+    found = first_divergence(c.tiny.model, question, reference, altered)[0]
+    assert found is not None and found.margin >= 0 and found.gap > 0
+
+
+def test_prompts_that_do_not_share_the_video_are_refused() -> None:
+    c = case("qwen2_vl")
+    other_video = _tokens_only(c.questions[1][0])
+    decoder = SparseToDenseDecoder(c.tiny.model, StdConfig())
+    with pytest.raises(ValueError, match="same tokens as question 0"):
+        generate_shared(decoder, [[c.questions[0][0], other_video]], max_new_tokens=4)
