@@ -113,3 +113,73 @@ def test_evaluation_does_not_import_the_demo() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_unparsable_answers_are_wrong_and_counted_per_decoder() -> None:
+    common = {"task": "mcq", "status": "ok", "answer": "B", "options": ["x", "y", "z", "w"], "run_id": "r"}
+    rows = [
+        {"id": "a", "text": "The best answer is B", "dense_text": "The best answer is B", **common},
+        {"id": "b", "text": "the shape is red", "dense_text": "B", **common},
+    ]
+    default = evaluation_report(to_table(rows))["accuracy"]
+    assert default["std"] == {"mcq": 0.5} and default["unparsable_answers"] == {"std": 1, "dense": 0}
+    lmms = evaluation_report(to_table(rows), mcq_parser=evaluation.MCQ_PARSERS["lmms-eval"])["accuracy"]
+    assert lmms["std"] == {"mcq": 0.5} and lmms["dense"] == {"mcq": 1.0}
+
+
+def test_run_evaluation_of_a_benchmark_runs_its_manifest_once_as_mcq(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The pipeline run stubbed: it 'answers' the normalised manifest's items, right for video 1 only."""
+    from pipeline.benchmarks import BenchmarkConfig
+    from pipeline.sources import expand_items, read_records
+    from pipeline.storage import StorageOptions
+
+    rows = [
+        {
+            "vid": v,
+            "q": f"Q{v}{i}",
+            "opts": ["A. red", "B. blue"],
+            "ans": i % 2,
+            "dur": ("short", "long")[v - 1],
+        }
+        for v in (1, 2)
+        for i in range(2)
+    ] + [{"vid": 2, "q": "bad", "opts": ["A. red", "B. blue"], "ans": 5, "dur": "long"}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs: list[PipelineConfig] = []
+
+    def run_pipeline(config: PipelineConfig) -> dict:
+        runs.append(config)
+        return {"run_id": "r1", "model": "tiny"}
+
+    def read_rows(output: str, storage: object) -> pa.Table:
+        items = expand_items(read_records(runs[-1].input, StorageOptions()), "mcq")
+        return to_table(
+            {"id": i.id, "task": "mcq", "status": "ok", "answer": i.answer, "options": i.options, "run_id": "r1",
+             "text": i.answer if i.video_id.endswith("1") else "no idea", "dense_text": i.answer}
+            for i in items
+        )  # fmt: skip
+
+    monkeypatch.setattr(evaluation, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(evaluation, "read_rows", read_rows)
+    bench = BenchmarkConfig(benchmark="generic", column_map="video=vid,question=q,options=opts,answer=ans,group=dur",
+                            video_template="{root}/{vid}.mp4", video_root=str(tmp_path))  # fmt: skip
+    config = PipelineConfig(input=str(tmp_path / "bench.jsonl"), output=str(tmp_path / "out"))
+    report = run_evaluation(config, benchmark=bench)
+    assert [(c.task, c.input, c.dense_sample) for c in runs] == [
+        ("mcq", str(tmp_path / "out/_benchmark/manifest.jsonl"), -1)
+    ]
+    assert report == json.loads((tmp_path / "out/_evaluation.json").read_text())
+    summary = report["benchmark"]
+    assert (summary["questions"], summary["questions_rejected"], summary["scored"]) == (5, 1, 4)
+    assert summary["groups"]["dur"] == {
+        "long": {"scored": 2, "std": 0.0, "dense": 1.0},
+        "short": {"scored": 2, "std": 1.0, "dense": 1.0},
+    }
+    assert summary["headline"] == {"metric": "accuracy", "std": 0.5, "dense": 1.0}
+    assert report["accuracy"]["unparsable_answers"] == {"std": 2, "dense": 0}
+    with pytest.raises(ValueError, match="a benchmark is multiple-choice"):
+        run_evaluation(config, "qa", benchmark=bench)
+    with pytest.raises(ValueError, match="--benchmark generic reads --input"):
+        run_evaluation(PipelineConfig(output=str(tmp_path / "o")), benchmark=bench)
