@@ -8,6 +8,7 @@ Storage options come from flags or the environment, never from code: s3fs (throu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from fsspec.core import url_to_fs
 from pipeline.errors import PipelineError
 
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+# S3's naming rules: 3-63 characters of lowercase letters, digits, dots and hyphens, starting and ending
+# with a letter or digit (the endpoint answers anything else with an error that reads like "missing")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,33 @@ def unstrip(uri: str, path: str) -> str:
     return path if protocol == "file" or "://" in path else f"{protocol}://{path}"
 
 
+def permission_denied(uri: str, exc: PermissionError, action: str = "read") -> PipelineError:
+    """The error for a listing or read of ``uri`` refused by its filesystem, saying what to fix."""
+    if is_object_store(uri):
+        fix = (
+            "Check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --profile), or pass --anon "
+            "for a public bucket"
+        )
+    else:
+        fix = "Check the file's and its folders' permissions for the user running the job"
+    return PipelineError(f"permission denied: cannot {action} {redact(uri)} ({exc}). {fix}.")
+
+
+def check_bucket_name(uri: str, what: str) -> None:
+    """Raise :class:`PipelineError` if ``uri`` is an S3 URI whose bucket name S3 would refuse."""
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if not S3_BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise PipelineError(
+            f"{what}: invalid bucket name '{bucket}' ({uri}): S3 bucket names are 3-63 characters of "
+            "lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit."
+        )
+
+
 def check_reachable(uri: str, options: StorageOptions, what: str) -> None:
-    """Raise :class:`PipelineError` unless ``uri``'s endpoint answers and its bucket exists.
+    """Raise :class:`PipelineError` unless ``uri``'s bucket name is valid, its endpoint answers and its
+    bucket exists. The name is checked first, without any request.
 
     Uses a separate client with short timeouts and no retries, so a wrong endpoint fails in seconds
     instead of after botocore's full retry schedule. Local paths pass (their absence is reported by the
@@ -87,6 +116,7 @@ def check_reachable(uri: str, options: StorageOptions, what: str) -> None:
     protocol = protocol_of(uri)
     if protocol not in ("s3", "s3a"):
         return
+    check_bucket_name(uri, what)
     kwargs = options.for_protocol(protocol)
     kwargs["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 15, "retries": {"total_max_attempts": 1}}
     fs, path = url_to_fs(uri, skip_instance_cache=True, **kwargs)

@@ -30,3 +30,44 @@ def test_answer_letter_accepts_letter_or_option_text() -> None:
     assert answer_letter("b", ["red", "blue"]) == "B"
     assert answer_letter("Blue", ["red", "blue"]) == "B"
     assert answer_letter("purple", ["red", "blue"]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "num_options", "expected"),
+    [
+        ("I think it is (C)", 10, "C"),  # the pronoun is no answer, even where I is an option
+        ("I think it is C", 10, "C"),
+        ("I", 10, "I"),
+        ("I.", 10, "I"),
+        ("A dog", 3, None),  # the article is no answer
+        ("A dog runs left", 3, None),
+        ("A", 3, "A"),
+        ("A.", 3, "A"),
+        ("A) dog", 3, "A"),
+        ("A. A dog", 3, "A"),
+        ("The answer is A", 3, "A"),
+        ("the answer is (B).", 3, "B"),
+        ("Answer: A dog", 3, "A"),
+        ("Option A, a dog", 3, "A"),
+        ("It is A.", 3, "A"),
+        ("B is correct", 3, "B"),  # letters that are no English word count wherever they stand
+        ("A.M. is when", 3, None),
+        ("b", 3, None),  # lowercase letters are words, as before
+    ],
+)
+def test_parse_mcq_answer_reads_whole_option_letters_only(
+    text: str, num_options: int, expected: str | None
+) -> None:
+    assert parse_mcq_answer(text, num_options) == expected
+
+
+def test_answer_letter_maps_a_zero_based_index() -> None:
+    assert [answer_letter(a, ["red", "blue", "green"]) for a in (0, 2, "1", " 2 ")] == ["A", "C", "B", "C"]
+    assert answer_letter(3, ["red", "blue", "green"]) is None  # out of range
+    assert answer_letter(True, ["red", "blue"]) is None  # a bool is no index
+    assert answer_letter("-1", ["red", "blue"]) is None
+
+
+def test_answer_letter_prefers_an_option_s_text_over_an_index() -> None:
+    assert answer_letter("2", ["1", "2", "3"]) == "B"  # the option "2", not index 2
+    assert answer_letter(0, ["1", "2", "3"]) == "A"  # no option reads "0": the index
