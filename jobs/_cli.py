@@ -18,16 +18,18 @@ its result as the last stdout line (one JSON object). Everything else goes to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RunInterrupted, sigterm_raises
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROJECT_LOGGERS = ("jobs", "pipeline", "std_core")  # at --log-level; other libraries: warnings and up
@@ -194,17 +196,42 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).setLevel(numeric)
 
 
+EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_FAILED = 0, 1, 2, 3
+
+
 def run_main(body: Callable[[], dict], log_level: str = "info") -> int:
     """Configure logging, run a job's body; print its result as the last stdout line (one JSON object).
 
-    Exit codes: 0 done; 1 the run finished with fewer rows than items (``"status": "incomplete"``);
-    2 a PipelineError or invalid config, with the reason on stderr and in the JSON line."""
+    While the body runs, anything written to ``sys.stdout`` (Ray's own messages, a library's prints)
+    goes to stderr, so stdout holds exactly the final JSON line. Exit codes:
+
+    - 0: done (``"status": "ok"``, or ``"planned"`` for ``--dry-run``); 1: finished with fewer rows
+      than items (``"incomplete"``);
+    - 2: the run could not start (a PipelineError or an invalid value: ``"error"``, reason on stderr);
+    - 3: the run failed while running (``"failed"``: what was committed stays, ``error`` says why);
+    - 128 + the signal's number (130 for SIGINT / Ctrl-C, 143 for SIGTERM): ``"interrupted"``, with
+      the rows received so far committed and the summary written."""
     configure_logging(log_level)
     try:
-        result = body()
+        with contextlib.redirect_stdout(sys.stderr), sigterm_raises():
+            result = body()
     except (PipelineError, ValueError) as exc:
         log.error("%s", exc)
-        print(json.dumps({"status": "error", "error": str(exc)}))
-        return 2
-    print(json.dumps(result, default=str))
-    return 0 if result.get("status", "ok") == "ok" else 1
+        return _finish({"status": "error", "error": str(exc)}, EXIT_ERROR)
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+        log.warning("interrupted by %s before any row was written", name)
+        return _finish({"status": "interrupted", "signal": name}, 128 + signal.Signals[name].value)
+    except Exception as exc:  # a bug or an environment fault: the traceback on stderr, the JSON line still
+        log.exception("the job failed")
+        return _finish({"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, EXIT_FAILED)
+    status = result.get("status", "ok")
+    if status == "interrupted":
+        return _finish(result, 128 + signal.Signals[result.get("signal", "SIGINT")].value)
+    codes = {"ok": EXIT_OK, "planned": EXIT_OK, "incomplete": EXIT_INCOMPLETE, "failed": EXIT_FAILED}
+    return _finish(result, codes.get(status, EXIT_INCOMPLETE))
+
+
+def _finish(result: dict, code: int) -> int:
+    print(json.dumps(result, default=str), flush=True)
+    return code

@@ -6,7 +6,14 @@ always agrees with the Parquet files:
 - ``acceptance_rate``, ``mean_accepted_per_round`` and ``generated_tokens_per_s``: the definitions of
   ``std_core.stats``, over the sum of the ok rows' counts (``RowStats.from_columns``);
 - ``speedup`` = dense / StD decode seconds, summed over the rows that had a dense re-run (the dense
-  sample), so both sides decoded exactly the same inputs on the same actor;
+  sample), so both sides decoded exactly the same inputs on the same actor; ``speedup_batches`` says
+  how many batches it rests on and ``speedup_median_batch`` is the median of the per-batch ratios (one
+  slow batch cannot dominate it);
+- ``videos_per_s`` is over the whole wall time (Ray start-up and model load included);
+  ``steady_videos_per_s`` over the time between the first and the last result batch (``startup_seconds``
+  is the time to the first one);
+- ``rows_budget_covers_prompt``: rows whose whole prompt fits the sparse budget, where the sparse draft
+  is the dense model and StD cannot win (a warning is logged when there are any);
 - ``gpu_seconds_per_video`` = GPUs held (actors × GPUs per actor) × wall seconds / videos: what the run
   cost. ``decode_seconds_per_video`` is the part of it spent generating.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -47,11 +55,27 @@ class RunAccounting:
     mcq_scored: int = 0
     mcq_correct: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    sparse_budget: int | None = None  # the StD budget (None: dense decoding, nothing to compare)
+    rows_budget_covers_prompt: int = 0
+    batch_speedups: list[float] = field(default_factory=list)  # dense / StD seconds per sampled batch
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
+    first_batch_videos: int = 0
     _videos: set[str] = field(default_factory=set)
 
     def add(self, table: pa.Table) -> None:
+        """Count one result batch (the rows one actor call returned)."""
+        std_seconds = dense_seconds = 0.0
         for row in table.to_pylist():
             self._add_row(row)
+            if row["status"] == STATUS_OK and row["dense_decode_seconds"] is not None:
+                std_seconds += row["decode_seconds"] or 0.0
+                dense_seconds += row["dense_decode_seconds"]
+        if std_seconds > 0:
+            self.batch_speedups.append(dense_seconds / std_seconds)
+        self.last_batch_at = time.perf_counter()
+        if self.first_batch_at is None:
+            self.first_batch_at, self.first_batch_videos = self.last_batch_at, self.videos
 
     def _add_row(self, row: dict) -> None:
         if row["video_id"] not in self._videos:
@@ -65,6 +89,8 @@ class RunAccounting:
         for name in _SUMS:
             self.sums[name] += row[name] or 0
         self.counts += RowStats.from_columns(row)
+        if self.sparse_budget is not None and (row["prompt_tokens"] or 0) <= self.sparse_budget:
+            self.rows_budget_covers_prompt += 1
         self.decode_seconds += row["decode_seconds"] or 0.0
         if row["dense_decode_seconds"] is not None:
             self.sampled_rows += 1
@@ -83,14 +109,28 @@ class RunAccounting:
     def videos(self) -> int:
         return len(self._videos)
 
-    def progress_line(self) -> str:
+    def progress_line(self, recent_rate: float | None = None) -> str:
+        """Rows done of expected (percentage), videos, the current rate (``recent_rate`` rows/s, else the
+        average since the first result), tokens/s and the ETA at the current rate."""
         elapsed = time.perf_counter() - self.started
-        rate = self.videos / elapsed if elapsed > 0 else 0.0
+        rate = recent_rate if recent_rate is not None else self._steady_rate(self.rows, 1)
+        left = max(0, self.expected_rows - self.rows)
+        eta = f"ETA {_duration(left / rate)}" if rate and left else ("done" if not left else "ETA ?")
+        percent = 100.0 * self.rows / self.expected_rows if self.expected_rows else 100.0
         tokens_rate = tokens_per_second(self.counts.generated, elapsed) or 0.0
         return (
-            f"[progress] rows {self.rows}/{self.expected_rows} (ok {self.rows_ok}, error {self.rows_error}) "
-            f"videos {self.videos} | {rate:.2f} videos/s | {tokens_rate:.1f} tokens/s | {elapsed:.0f}s"
+            f"[progress] rows {self.rows}/{self.expected_rows} ({percent:.0f}%; ok {self.rows_ok}, error "
+            f"{self.rows_error}) videos {self.videos} | {rate or 0.0:.2f} rows/s | {tokens_rate:.1f} tokens/s | "
+            f"{eta} | {elapsed:.0f}s"
         )
+
+    def _steady_rate(self, count: int, first_count: int) -> float | None:
+        """``count`` per second between the first and the last result batch (the first batch's own
+        ``first_count`` excluded), or None before two batches came."""
+        if self.first_batch_at is None or self.last_batch_at is None:
+            return None
+        span = self.last_batch_at - self.first_batch_at
+        return (count - first_count) / span if span > 0 and count > first_count else None
 
     def summary(self, gpus_held: float) -> dict:
         """The run's numbers (add run metadata before writing it)."""
@@ -104,7 +144,11 @@ class RunAccounting:
             "frames": self.frames,
             **self.sums,
             "wall_seconds": round(wall, 3),
+            "startup_seconds": None
+            if self.first_batch_at is None
+            else round(self.first_batch_at - self.started, 3),
             "videos_per_s": _ratio(self.videos, wall),
+            "steady_videos_per_s": _rounded(self._steady_rate(self.videos, self.first_batch_videos)),
             "generated_tokens_per_s": _rounded(tokens_per_second(counts.generated, wall)),
             "decode_seconds": round(self.decode_seconds, 4),
             "decode_seconds_per_video": _ratio(self.decode_seconds, self.videos),
@@ -114,25 +158,36 @@ class RunAccounting:
             "dense_sample_rows": self.sampled_rows,
             "dense_match_rate": _ratio(self.sampled_matches, self.sampled_rows),
             "speedup": _ratio(self.sampled_dense_seconds, self.sampled_std_seconds),
+            "speedup_batches": len(self.batch_speedups),
+            "speedup_median_batch": _rounded(statistics.median(self.batch_speedups))
+            if self.batch_speedups
+            else None,
+            "rows_budget_covers_prompt": self.rows_budget_covers_prompt,
             "mcq_accuracy": _ratio(self.mcq_correct, self.mcq_scored),
             "top_errors": dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]),
         }
 
 
 class Progress:
-    """Logs :meth:`RunAccounting.progress_line` (level INFO) at most every ``interval`` seconds."""
+    """Logs :meth:`RunAccounting.progress_line` (level INFO) at most every ``interval`` seconds, with the
+    rate over the rows since the previous line."""
 
     def __init__(self, accounting: RunAccounting, interval: float = 5.0) -> None:
         self.accounting, self.interval = accounting, interval
         self._last = -math.inf  # the first rows are reported at once
         self._last_rows = -1
+        self._mark: tuple[float, int] | None = None  # (time, rows) of the previous line
 
     def update(self, force: bool = False) -> None:
         """Log now if ``interval`` has passed (or ``force``), unless nothing changed since the last line."""
         now = time.perf_counter()
-        if (force or now - self._last >= self.interval) and self.accounting.rows != self._last_rows:
-            self._last, self._last_rows = now, self.accounting.rows
-            log.info(self.accounting.progress_line())
+        rows = self.accounting.rows
+        if (force or now - self._last >= self.interval) and rows != self._last_rows:
+            recent = None
+            if self._mark is not None and now > self._mark[0]:
+                recent = (rows - self._mark[1]) / (now - self._mark[0])
+            self._last, self._last_rows, self._mark = now, rows, (now, rows)
+            log.info(self.accounting.progress_line(recent))
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -141,3 +196,11 @@ def _ratio(num: float, den: float) -> float | None:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def _duration(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"``, ``"42s"``."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -17,14 +17,18 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
 from pipeline.frames import DEFAULT_MAX_PIXELS
 from pipeline.storage import StorageOptions, get_fs, is_object_store, protocol_of
+from std_core.config import SUPPORTED_ARCHITECTURES
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_ENV = "STD_ANNOTATE_CACHE"
 _COMPLETE = ".complete"
@@ -47,21 +51,94 @@ def model_label(model: str | None) -> str:
     return model if model else str(default_model_dir())
 
 
+# What a loadable model directory holds: a config, weights, and the processor (tokenizer included).
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_PROCESSOR = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def check_model(model: str | None, storage: StorageOptions) -> None:
-    """Fail fast when a local or object-storage model location holds no model (hub ids pass)."""
+    """Fail fast, before any actor starts, when ``--model`` names nothing loadable: a local or
+    object-storage directory without config, weights, processor or tokenizer files, of an architecture
+    StD does not support; a path that does not exist; a hub id that is neither in the local Hugging Face
+    cache nor reachable. Raises :class:`PipelineError` saying what to fix."""
     if model is None:
         return
     if is_object_store(model):
         fs, path = get_fs(model, storage)
-        if not fs.isfile(f"{path.rstrip('/')}/config.json"):
-            raise PipelineError(f"--model {model}: no config.json there; point it at a model directory")
+        root = path.rstrip("/")
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.isdir(root) else set()
+        _check_model_files(model, names, lambda name: fs.cat(f"{root}/{name}"))
         return
-    if _looks_like_path(model) and not (Path(model) / "config.json").is_file():
+    local = Path(model).expanduser()
+    if local.is_dir():
+        names = {p.name for p in local.iterdir()}
+        _check_model_files(model, names, lambda name: (local / name).read_bytes())
+    elif local.exists():
+        raise PipelineError(f"--model {model}: a file, not a model directory")
+    elif model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise PipelineError(f"--model {model}: no such directory ({local.resolve()}); check the path")
+    else:  # "org/name" may be a hub id or a relative path with a typo: say both
+        _check_hub_model(model, f"--model {model}: no such directory ({local.resolve()}), and as a hub id")
+
+
+def _check_model_files(model: str, names: set[str], read: object) -> None:
+    """The directory listing ``names`` holds a config, weights, a processor and a tokenizer, and the
+    config's ``model_type`` is one StD supports."""
+    if "config.json" not in names:
         raise PipelineError(f"--model {model}: not a model directory (no config.json); check the path")
+    needed = {"weights": _WEIGHTS, "processor config": _PROCESSOR, "tokenizer": _TOKENIZER}
+    for role, candidates in needed.items():
+        if not names.intersection(candidates) and not (role == "weights" and _sharded(names)):
+            raise PipelineError(
+                f"--model {model}: the directory has config.json but no {role} ({' / '.join(candidates)}); "
+                "point --model at a complete save_pretrained directory (model and processor)"
+            )
+    try:
+        model_type = json.loads(read("config.json")).get("model_type")
+    except ValueError as exc:
+        raise PipelineError(f"--model {model}: config.json is not valid JSON ({exc})") from exc
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise PipelineError(
+            f"--model {model}: model_type {model_type!r} is not one StD supports "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
 
 
-def _looks_like_path(model: str) -> bool:
-    return protocol_of(model) == "file" and (model.startswith((".", "/", "~")) or Path(model).exists())
+def _sharded(names: set[str]) -> bool:
+    return any(n.endswith(".safetensors") for n in names)
+
+
+def _check_hub_model(model: str, prefix: str) -> None:
+    """A hub id passes when the local Hugging Face cache holds it, or the hub answers for it."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        snapshot_download(model, local_files_only=True, allow_patterns=["config.json"])
+        return
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    hint = "download it first (huggingface-cli download ...) or pass a local directory / s3:// URI"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise PipelineError(
+            f"{prefix} it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); {hint}"
+        )
+    try:
+        HfApi().model_info(model, timeout=10)
+    except RepositoryNotFoundError as exc:
+        raise PipelineError(f"{prefix} it is not on the Hugging Face hub (or it is private)") from exc
+    except Exception as exc:  # DNS, connection, timeout: the hub cannot be reached from here
+        raise PipelineError(
+            f"{prefix} it is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(exc).__name__}); {hint}"
+        ) from exc
 
 
 def resolve_model(model: str | None, storage: StorageOptions) -> str:
@@ -130,6 +207,7 @@ def _limit_from(config: dict) -> int | None:
 
 def load_model(path: str, dtype: str, device: str) -> tuple[torch.nn.Module, object]:
     """The model (eval mode, on ``device``) and its processor (left padding, for batched generation)."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

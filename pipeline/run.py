@@ -16,25 +16,50 @@ import logging
 import math
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
+
 from pipeline.accounting import Progress, RunAccounting
-from pipeline.annotator import Annotator, AnnotatorSettings
-from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
-from pipeline.frames import decode_frames
+from pipeline.checks import check_resources, check_run_id, check_writable
+from pipeline.config import AnnotatorSettings, PipelineConfig
+from pipeline.errors import PipelineError, RunInterrupted, sigterm_raises
+from pipeline.frames import FrameSampling, decode_frames
+from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
+from pipeline.schema import STATUS_ERROR, to_table
 from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
 from pipeline.sources import Item, expand_items, read_records, video_rows
-from pipeline.storage import StorageOptions, check_reachable, is_object_store, join
+from pipeline.storage import StorageOptions, check_reachable, is_object_store, join, redact
 
 log = logging.getLogger(__name__)
 
-# Heap reserved per decode task: decord reads a remote video whole into memory, plus the sampled frames.
-# Bounds concurrent decodes per node, and (being a different resource request from the model actors)
-# keeps Ray from fusing decoding into the actor stage on CPU-only clusters.
-DECODE_TASK_MEMORY = 1 << 30
+# A decode task that fails (a killed worker, say) is retried this often, then fails the run with its
+# reason; Ray Data's default retries without end. Per-video faults never fail a task: they are rows.
+DECODE_TASK_RETRIES = 3
+MAX_BLOCKS = 10_000  # input blocks: one video each up to this many videos, then len / MAX_BLOCKS each
+DECODE_TASK_OVERHEAD = 300 << 20  # the task's interpreter, libraries and buffers beyond the frames
+
+
+def decode_task_memory(config: PipelineConfig, sampling: FrameSampling) -> int:
+    """Heap reserved per decode task: one video's decode budget plus the batch's sampled frames (uint8
+    RGB at the pixel limit). It bounds concurrent decodes per node, and (being a different resource
+    request from the model actors) keeps Ray from fusing decoding into the actor stage on CPU-only
+    clusters."""
+    frames = config.batch_size * config.num_frames * sampling.max_pixels * 3
+    return sampling.max_decode_bytes + frames + DECODE_TASK_OVERHEAD
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A checked run's inputs: everything about the run as a whole holds (see ``pipeline.checks``)."""
+
+    input: str
+    items: list[Item]  # every item the input defines
+    storage: StorageOptions
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -46,41 +71,50 @@ class Plan:
     pending: list[Item]  # the items this run processes (resume and --limit applied)
     storage: StorageOptions
     run_id: str
+    done: int = 0  # items that already have an ok row in the output
+    deferred: int = 0  # items left for a later run by --limit
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def storage_options(config: PipelineConfig) -> StorageOptions:
-    """``config.storage_options()`` (kept for callers of the earlier name)."""
-    return config.storage_options()
-
-
-def plan_run(config: PipelineConfig) -> Plan:
-    """Check storage, read the inputs, apply ``--if-exists`` and ``--limit``. Raises PipelineError."""
+def check_inputs(config: PipelineConfig) -> Inputs:
+    """Check the run id, storage, output, model and input, and read the items. Raises PipelineError.
+    Writes nothing (the output's probe object is removed again)."""
     storage = config.storage_options()
+    run_id = config.run_id or new_run_id()
+    check_run_id(run_id)
+    check_reachable(config.output, storage, "--output")
+    check_writable(config.output, storage)
     input_uri = config.input or _sample_input(config)
     check_reachable(input_uri, storage, "--input")
-    check_reachable(config.output, storage, "--output")
     if config.model and is_object_store(config.model):
         check_reachable(config.model, storage, "--model")
     check_model(config.model, storage)
     items = expand_items(read_records(input_uri, storage), config.task, config.prompt)
+    return Inputs(input_uri, items, storage, run_id)
+
+
+def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
+    """Check the run (unless ``inputs`` were checked already), then apply ``--if-exists`` and ``--limit``
+    to the output's rows: the resume set is read here, so a run holds the output's lease before this."""
+    inputs = inputs or check_inputs(config)
+    storage, items, run_id = inputs.storage, inputs.items, inputs.run_id
     done = _existing_ok_ids(config, storage)
     pending = [item for item in items if item.id not in done]
+    deferred = 0
     if config.limit is not None:
-        pending = pending[: config.limit]
+        pending, deferred = pending[: config.limit], max(0, len(pending) - config.limit)
     log.info(
-        "[plan] %d items from %s; %d skipped; %d to run",
-        len(items), input_uri, len(items) - len(pending), len(pending),
+        "[plan] %d items from %s; %d done, %d deferred by --limit; %d to run",
+        len(items), redact(inputs.input), len(items) - len(pending) - deferred, deferred, len(pending),
     )  # fmt: skip
-    run_id = config.run_id or new_run_id()
     if part_files(config.output, storage, run_id):
         raise PipelineError(
             f"output {config.output} already holds files of run {run_id}: pass a new --run-id"
         )
-    return Plan(input_uri, items, pending, storage, run_id)
+    return Plan(inputs.input, items, pending, storage, run_id, len(items) - len(pending) - deferred, deferred)
 
 
 def _sample_input(config: PipelineConfig) -> str:
@@ -133,24 +167,40 @@ def annotator_settings(config: PipelineConfig, plan: Plan, num_gpus: float) -> A
         seed=config.seed,
         use_gpu=num_gpus > 0,
         max_items_per_call=max(config.batch_size, 1) * 4,
+        share_prefill=config.share_prefill == "on",
     )
 
 
-def build_dataset(config: PipelineConfig, plan: Plan, num_gpus: float, annotator_cls: type = Annotator):
-    """The lazy Ray Dataset: video rows → decode (CPU tasks) → annotate (actor pool) → result rows."""
+def build_dataset(
+    config: PipelineConfig,
+    plan: Plan,
+    num_gpus: float,
+    annotator_cls: type | None = None,
+    decode_fn: Callable[..., dict] = decode_frames,
+):
+    """The lazy Ray Dataset: video rows → decode (CPU tasks) → annotate (actor pool) → result rows.
+    The stages are ``decode_fn`` (:func:`pipeline.frames.decode_frames`) and ``annotator_cls`` (default
+    :class:`pipeline.annotator.Annotator`, imported here: the driver itself never loads torch)."""
     import ray
+
+    if annotator_cls is None:
+        from pipeline.annotator import Annotator as annotator_cls
 
     rows = video_rows(plan.pending)
     sampling = config.frame_sampling(pixel_limit(config.model, plan.storage))
-    ds = ray.data.from_items(
-        rows, override_num_blocks=max(1, min(math.ceil(len(rows) / config.batch_size), 10_000))
-    )
+    # One video per block and per decode task (up to MAX_BLOCKS blocks): a decode task that dies (a
+    # worker killed for memory, say) costs its own video only. A block whose task still fails after
+    # its retries is dropped instead of failing the run; the driver writes an error row for each of
+    # its items (see _stream), so no item is lost.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_BLOCKS)))
+    ds.context.max_errored_blocks = -1
     ds = ds.map_batches(
-        decode_frames,
+        decode_fn,
         fn_kwargs={"sampling": sampling, "storage": plan.storage},
-        batch_size=config.batch_size,
+        batch_size=max(1, math.ceil(len(rows) / MAX_BLOCKS)),
         num_cpus=1,
-        memory=DECODE_TASK_MEMORY,
+        memory=decode_task_memory(config, sampling),
+        max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(
         annotator_cls,
@@ -170,15 +220,35 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
 
 
-def run_pipeline(config: PipelineConfig, annotator_cls: type = Annotator) -> dict:
-    """Run one job end to end; return the summary (also written to ``<output>/_summary.json``)."""
-    plan = plan_run(config)
-    accounting = RunAccounting(expected_rows=len(plan.pending))
+def run_pipeline(
+    config: PipelineConfig, annotator_cls: type | None = None, decode_fn: Callable[..., dict] = decode_frames
+) -> dict:
+    """Run one job end to end; return the summary (also written to ``<output>/_summary.json``).
+
+    ``status`` is ``ok`` (every pending item has its row), ``incomplete`` (fewer rows), ``interrupted``
+    (SIGINT or SIGTERM: the rows received so far are committed, ``signal`` names it) or ``failed`` (an
+    error while streaming or committing rows: ``error`` says which; what was committed stays)."""
+    inputs = check_inputs(config)
+    if config.dry_run:
+        return dry_run_summary(config, plan_run(config, inputs))
+    with OutputLease(config.output, inputs.storage, inputs.run_id, wait=config.wait_for_lease) as lease:
+        return _run(config, plan_run(config, inputs), lease, annotator_cls, decode_fn)
+
+
+def _run(
+    config: PipelineConfig, plan: Plan, lease: OutputLease, annotator_cls: type | None, decode_fn: Callable
+) -> dict:
+    """Stream the plan's items through the stages into the output; write and return the summary."""
+    budget = config.sparse_budget if config.decoder != "dense" else None
+    accounting = RunAccounting(expected_rows=len(plan.pending), sparse_budget=budget)
     num_gpus = 0.0
-    files: list[str] = []
+    outcome = _Outcome()
     if plan.pending:
         init_ray()
+        import ray
+
         num_gpus = gpus_per_actor(config)
+        check_resources(ray.cluster_resources(), config.num_actors, num_gpus, config.wait_for_resources)
         log.info(
             "[run] %s: %d actor(s) × %g GPU, decoder %s",
             plan.run_id,
@@ -186,35 +256,126 @@ def run_pipeline(config: PipelineConfig, annotator_cls: type = Annotator) -> dic
             num_gpus,
             config.decoder,
         )
-        files = _stream(build_dataset(config, plan, num_gpus, annotator_cls), config, plan, accounting)
+        dataset = build_dataset(config, plan, num_gpus, annotator_cls, decode_fn)
+        outcome = _stream(dataset, config, plan, accounting, lease)
     summary = {
         "run_id": plan.run_id,
         "task": config.task,
         "decoder": config.decoder,
         "model": model_label(config.model),
-        "input": plan.input,
+        "input": redact(plan.input),
         "output": config.output,
         "items_total": len(plan.items),
-        "items_skipped": len(plan.items) - len(plan.pending),
+        "items_skipped": plan.done,  # items that already had an ok row
+        "items_deferred": plan.deferred,  # items --limit left for a later run
         "rows_expected": len(plan.pending),
-        "files": len(files),
+        "files": len(outcome.files),
         "num_actors": config.num_actors,
         "num_gpus_per_actor": num_gpus,
         **accounting.summary(gpus_held=config.num_actors * num_gpus),
     }
-    summary["status"] = "ok" if summary["rows"] == summary["rows_expected"] else "incomplete"
+    summary["status"] = outcome.status(summary["rows"] == summary["rows_expected"])
+    if summary["rows_budget_covers_prompt"]:
+        log.warning(
+            "[run] %d of %d ok rows have prompts within --sparse-budget %d: their sparse draft is the dense "
+            "model, so acceptance is 1.0 and StD cannot be faster there (lower --sparse-budget, or use more "
+            "frames)", summary["rows_budget_covers_prompt"], summary["rows_ok"], config.sparse_budget,
+        )  # fmt: skip
+    summary |= {k: v for k, v in (("signal", outcome.signal), ("error", outcome.error)) if v}
     write_json(join(config.output, SUMMARY_NAME), summary, plan.storage)
     write_json(join(config.output, "_runs", f"{plan.run_id}.json"), summary, plan.storage)
     return summary
 
 
-def _stream(ds, config: PipelineConfig, plan: Plan, accounting: RunAccounting) -> list[str]:
+LOST_ITEM_ERROR = (
+    "no result: the task that decoded or annotated this video failed after its retries (a worker killed "
+    "for memory, say); see the Ray logs"
+)
+
+
+def lost_item_rows(config: PipelineConfig, plan: Plan, received: set[str]) -> pa.Table:
+    """Error rows for the pending items that no result row came back for (their block was dropped)."""
+    now = datetime.now(timezone.utc)
+    rows = [
+        {"id": item.id, "video_id": item.video_id, "video_uri": item.video_uri, "task": item.task,
+         "question": item.question, "options": item.options or None, "answer": item.answer,
+         "status": STATUS_ERROR, "error": LOST_ITEM_ERROR, "decoder": config.decoder,
+         "model": model_label(config.model), "run_id": plan.run_id, "created_at": now}
+        for item in plan.pending if item.id not in received
+    ]  # fmt: skip
+    return to_table(rows)
+
+
+def dry_run_summary(config: PipelineConfig, plan: Plan) -> dict:
+    """What ``--dry-run`` prints: the plan, and nothing run (``status`` "planned")."""
+    videos = {item.video_id for item in plan.pending}
+    return {
+        "status": "planned",
+        "dry_run": True,
+        "run_id": plan.run_id,
+        "task": config.task,
+        "input": redact(plan.input),
+        "output": config.output,
+        "items_total": len(plan.items),
+        "items_skipped": plan.done,
+        "items_deferred": plan.deferred,
+        "items_to_run": len(plan.pending),
+        "videos_to_run": len(videos),
+        "first_items": [item.id for item in plan.pending[:10]],
+    }
+
+
+@dataclass
+class _Outcome:
+    """How the streaming ended: the committed files, and the signal or error that stopped it."""
+
+    files: list[str] = field(default_factory=list)
+    signal: str | None = None
+    error: str | None = None
+
+    def status(self, complete: bool) -> str:
+        if self.signal:
+            return "interrupted"
+        if self.error:
+            return "failed"
+        return "ok" if complete else "incomplete"
+
+
+def _stream(
+    ds, config: PipelineConfig, plan: Plan, accounting: RunAccounting, lease: OutputLease
+) -> _Outcome:
+    """Write every result block as it arrives; on a signal, an error or a lost lease, commit what was
+    received and stop."""
     sink = ParquetSink(config.output, plan.storage, plan.run_id, config.rows_per_file)
     progress = Progress(accounting)
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        sink.write(block)
-        accounting.add(block)
-        progress.update()
-    sink.close()
+    outcome = _Outcome(files=sink.files)
+    received: set[str] = set()
+    try:
+        with sigterm_raises():
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if lease.lost():
+                    raise PipelineError(f"another run took over the lease of {config.output}")
+                sink.write(block)
+                accounting.add(block)
+                received.update(block["id"].to_pylist())
+                progress.update()
+        lost = lost_item_rows(config, plan, received)
+        if lost.num_rows:
+            log.warning(
+                "[run] %d item(s) got no result (their task failed after retries): error rows", lost.num_rows
+            )
+            sink.write(lost)
+            accounting.add(lost)
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        outcome.signal = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+        log.warning("[run] %s: stopping; committing the rows received so far", outcome.signal)
+    except Exception as exc:  # a failed write or a failed Ray stage: keep what is committed, say why
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        log.exception("[run] streaming rows failed")
+    try:
+        sink.close()
+    except Exception as exc:
+        outcome.error = outcome.error or f"committing the last rows failed: {type(exc).__name__}: {exc}"
+        log.exception("[run] committing the last rows failed")
     progress.update(force=True)
-    return sink.files
+    return outcome

@@ -5,11 +5,13 @@ Layout of an output location::
     <output>/part-<run_id>-00000.parquet   committed row files (one run writes several)
     <output>/_summary.json                 the latest run's accounting
     <output>/_runs/<run_id>.json           every run's accounting
-    <output>/_tmp/                         files being written (local filesystems only)
+    <output>/_tmp/<run_id>/                files being written, per run (local filesystems only)
+    <output>/_lease.json                   the running run's lease (``pipeline.lease``)
 
 A row file is either complete or absent:
 
-- on a local (or any non-object-store) filesystem it is written under ``_tmp/`` and renamed into place;
+- on a local (or any non-object-store) filesystem it is written under ``_tmp/<run_id>/`` and renamed
+  into place;
 - on S3/GCS/Azure it is written straight to its key: an object becomes visible only when its single PUT
   or multipart upload completes, so a killed writer leaves nothing behind.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 import uuid
 
 import pyarrow as pa
@@ -34,6 +38,9 @@ from pipeline.storage import StorageOptions, get_fs, is_object_store, join
 
 PART_PREFIX = "part-"
 SUMMARY_NAME = "_summary.json"
+COMMIT_ATTEMPTS = 3  # tries per part file before the run fails (and says so in its summary)
+COMMIT_BACKOFF = 1.0  # seconds before the first retry; doubles after each
+log = logging.getLogger(__name__)
 
 
 class ParquetSink:
@@ -62,23 +69,38 @@ class ParquetSink:
         if self._buffered:
             self._commit(pa.concat_tables(self._buffer))
         self._buffer, self._buffered = [], 0
-        tmp = f"{self.root}/_tmp"
-        if not is_object_store(self.output) and self.fs.isdir(tmp) and not self.fs.ls(tmp):
-            self.fs.rmdir(tmp)
+        for tmp in (f"{self.root}/_tmp/{self.run_id}", f"{self.root}/_tmp"):
+            if not is_object_store(self.output) and self.fs.isdir(tmp) and not self.fs.ls(tmp):
+                self.fs.rmdir(tmp)
 
     def _commit(self, table: pa.Table) -> None:
+        """Write one part file whole; a failed write is retried (COMMIT_ATTEMPTS in all, backing off)."""
         name = f"{PART_PREFIX}{self.run_id}-{len(self.files):05d}.parquet"
-        final = f"{self.root}/{name}"
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        if is_object_store(self.output):
-            self.fs.pipe_file(final, sink.getvalue())
-        else:
-            tmp = f"{self.root}/_tmp/{name}.{uuid.uuid4().hex}"
-            self.fs.makedirs(f"{self.root}/_tmp", exist_ok=True)
-            self.fs.pipe_file(tmp, sink.getvalue())
-            self.fs.mv(tmp, final)
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self._put(name, sink.getvalue())
+                break
+            except OSError as exc:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                log.warning(
+                    "[sink] writing %s failed (%s); retrying (%d/%d)", name, exc, attempt, COMMIT_ATTEMPTS
+                )
+                time.sleep(COMMIT_BACKOFF * 2 ** (attempt - 1))
         self.files.append(join(self.output, name))
+
+    def _put(self, name: str, data: bytes) -> None:
+        final = f"{self.root}/{name}"
+        if is_object_store(self.output):
+            self.fs.pipe_file(final, data)
+            return
+        tmp_dir = f"{self.root}/_tmp/{self.run_id}"
+        self.fs.makedirs(tmp_dir, exist_ok=True)
+        tmp = f"{tmp_dir}/{name}.{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, final)
 
 
 def part_files(output: str, storage: StorageOptions, run_id: str | None = None) -> list[str]:

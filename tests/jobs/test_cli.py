@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,10 @@ def test_invalid_numbers_fail_with_the_reason(capsys) -> None:
         ),
         (["--input", "s3://no-such-bucket/clips/"], "bucket 'no-such-bucket' does not exist"),
         (["--input", "MANIFEST"], "no 'video_uri' column"),
-        (["--model", "/nonexistent/model"], "not a model directory"),
+        (["--model", "/nonexistent/model"], "no such directory"),
+        (["--run-id", "nightly/1"], "--run-id 'nightly/1': use letters"),
+        (["--output", "FILE"], "is a file, not a folder"),
+        (["--output", "FILE/sub"], "is a file, so the folder cannot be created there"),
     ],
 )
 def test_run_level_faults_fail_fast_before_any_model_loads(
@@ -65,9 +69,15 @@ def test_run_level_faults_fail_fast_before_any_model_loads(
 ) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "path": "a.mp4"}) + "\n")
-    argv = [str(manifest) if a == "MANIFEST" else a for a in argv]
+    (tmp_path / "a-file").write_text("not a folder")
+    names = {
+        "MANIFEST": str(manifest),
+        "FILE": str(tmp_path / "a-file"),
+        "FILE/sub": str(tmp_path / "a-file/sub"),
+    }
+    argv = [names.get(a, a) for a in argv]
     start = time.perf_counter()
-    assert caption.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert caption.main(["--output", str(tmp_path / "out"), *argv]) == 2  # a later --output wins
     out = _last_json(capsys)
     assert out["status"] == "error" and message in out["error"]
     assert time.perf_counter() - start < 30
@@ -134,7 +144,9 @@ def test_embedded_default_runs_like_the_quick_start(ray_local: str, tmp_path: Pa
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, lines  # stdout holds exactly the final JSON line; Ray's messages go to stderr
+    summary = json.loads(lines[0])
     assert (summary["rows"], summary["rows_ok"], summary["status"]) == (2, 2, "ok")
     assert "[progress] rows 2/2" in proc.stderr  # live progress on stderr
     out = tmp_path / "out"
@@ -169,3 +181,71 @@ def test_reusing_a_run_id_in_the_same_output_is_refused(tmp_path: Path, clip_byt
     argv = ["--input", str(tmp_path / "clips"), "--output", str(tmp_path / "out"), "--run-id", "nightly"]
     assert annotate.main(argv) == 2  # its part files would be overwritten
     assert "already holds files of run nightly" in _last_json(capsys)["error"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_job_cleanly_with_a_summary_and_exit_130(
+    ray_local: str, model_dir: Path, tmp_path: Path, clip_bytes: dict
+) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(60):
+        (clips / f"v{i:02d}.mp4").write_bytes(clip_bytes["red-left.mp4"])
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    argv = ["--input", str(clips), "--output", str(out), "--model", str(model_dir), "--batch-size", "1",
+            "--rows-per-file", "1", "--max-new-tokens", "64", "--decoder", "dense", "--dense-sample", "0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.caption", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    summary = json.loads(lines[0])
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert 1 <= summary["rows"] < 60 and summary["files"] == summary["rows"]
+    assert json.loads((out / "_summary.json").read_text()) == summary
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == summary["rows"]  # what was committed is whole, and resumable
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--video-root", "/videos"], "--video-root only apply to a benchmark: pass --benchmark too"),
+        (["--benchmark", "generic"], "generic needs a --column-map"),
+        (["--benchmark", "generic", "--column-map", "question=q,options=o,size=s"], "key 'size' unknown"),
+        (["--benchmark", "videomme", "--input", "NOWHERE"], "benchmark input .* does not exist"),
+        (["--benchmark", "mlvu", "--input", "NOWHERE", "--task", "qa"], "a benchmark is multiple-choice"),
+    ],
+)
+def test_evaluate_benchmark_flags_fail_fast(argv, message, tmp_path, capsys) -> None:
+    import re
+
+    argv = [str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in argv]
+    assert evaluate.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    result = _last_json(capsys)
+    assert result["status"] == "error" and re.search(message, result["error"]), result
+
+
+def test_evaluate_lmms_eval_preset_sets_its_defaults_but_flags_win(monkeypatch, capsys) -> None:
+    seen = []
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda config, tasks, benchmark: seen.append(
+        (config, tasks, benchmark)) or {"status": "ok"})  # fmt: skip
+    argv = ["--benchmark", "videomme", "--input", "v.parquet", "--prompt-preset", "lmms-eval"]
+    assert evaluate.main([*argv, "--num-frames", "16", "--group-by", "duration"]) == 0
+    config, tasks, benchmark = seen[-1]
+    assert (config.num_frames, config.max_pixels, config.max_new_tokens) == (16, 602_112, 16)
+    assert (benchmark.benchmark, benchmark.prompt_preset, benchmark.group_columns) == (
+        "videomme",
+        "lmms-eval",
+        ("duration",),
+    )
+    assert evaluate.main(["--input", "m.jsonl"]) == 0  # no preset: the pipeline's own defaults
+    assert seen[-1][0].num_frames == 8 and seen[-1][0].max_new_tokens == 128 and seen[-1][2].benchmark is None

@@ -3,6 +3,8 @@ default; the pixel limit read from the processor config; and fail-fast checks of
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,48 @@ def test_pixel_limit_comes_from_the_processor_config(model_dir: Path, s3_model: 
 def test_bad_model_locations_fail_fast(s3_bucket: str, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not a model directory"):
         check_model(str(tmp_path), StorageOptions())
-    with pytest.raises(PipelineError, match="no config.json there"):
+    with pytest.raises(PipelineError, match="not a model directory"):
         check_model(f"s3://{s3_bucket}/models/none/", StorageOptions())
-    check_model("Qwen/Qwen2-VL-7B-Instruct", StorageOptions())  # a hub id is for transformers to resolve
+
+
+def test_a_typo_a_file_and_an_offline_hub_id_fail_before_any_actor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="no such directory"):
+        check_model("models/qwen2-vl", StorageOptions())  # a relative path that does not exist
+    with pytest.raises(PipelineError, match="no such directory"):
+        check_model("./qwen", StorageOptions())
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(PipelineError, match="a file, not a model directory"):
+        check_model("weights.bin", StorageOptions())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    with pytest.raises(
+        PipelineError, match="no such directory.*not in the local Hugging Face cache .HF_HUB_OFFLINE is set"
+    ):
+        check_model("Qwen/Qwen2-VL-7B-Instruct", StorageOptions())
+
+
+def test_an_incomplete_or_unsupported_directory_is_refused(
+    model_dir: Path, tmp_path: Path, s3_model: str
+) -> None:
+    check_model(str(model_dir), StorageOptions())  # complete: passes, locally and on S3
+    check_model(s3_model, StorageOptions())
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    shutil.copy(model_dir / "config.json", only_config)
+    with pytest.raises(PipelineError, match="has config.json but no weights"):
+        check_model(str(only_config), StorageOptions())
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(model_dir, no_processor)
+    for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        (no_processor / name).unlink(missing_ok=True)
+    with pytest.raises(PipelineError, match="no processor config"):
+        check_model(str(no_processor), StorageOptions())
+    other = tmp_path / "llama"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(PipelineError, match="model_type 'llama' is not one StD supports"):
+        check_model(str(other), StorageOptions())

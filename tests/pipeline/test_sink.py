@@ -124,6 +124,30 @@ def test_progress_logs_rate_limited_lines_and_no_repeats(caplog: pytest.LogCaptu
     progress.update(force=True)  # nothing new: no repeated line
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.accounting"]
     assert [line.split(" videos")[0] for line in lines] == [
-        "[progress] rows 1/2 (ok 1, error 0)",
-        "[progress] rows 2/2 (ok 1, error 1)",
+        "[progress] rows 1/2 (50%; ok 1, error 0)",
+        "[progress] rows 2/2 (100%; ok 1, error 1)",
     ]
+    assert "ETA ?" in lines[0] and "done" in lines[1]
+
+
+def test_steady_rate_speedup_batches_budget_warning_and_eta() -> None:
+    accounting = RunAccounting(expected_rows=6, started=time.perf_counter() - 30.0, sparse_budget=200)
+    timed = {"decode_seconds": 1.0, "prompt_tokens": 150}
+    accounting.add(
+        to_table([_row(0, **timed, dense_decode_seconds=2.0), _row(1, **timed, dense_decode_seconds=2.0)])
+    )
+    accounting.first_batch_at -= 4.0  # the first batch came 4 s before the second
+    accounting.add(
+        to_table([_row(2, **timed, dense_decode_seconds=8.0), _row(3, decode_seconds=1.0, prompt_tokens=900)])
+    )
+    summary = accounting.summary(gpus_held=0)
+    assert summary["startup_seconds"] == pytest.approx(26.0, abs=0.5)  # 30 s run, first batch after ~26 s
+    assert summary["videos_per_s"] == pytest.approx(4 / 30, rel=0.05)  # wall clock, start-up included
+    assert summary["steady_videos_per_s"] == pytest.approx(
+        2 / 4.0, rel=0.05
+    )  # 2 videos after the first batch
+    assert summary["speedup"] == pytest.approx(12 / 3) and summary["speedup_batches"] == 2
+    assert summary["speedup_median_batch"] == pytest.approx((2.0 + 8.0) / 2)  # median of 2.0 and 8.0
+    assert summary["rows_budget_covers_prompt"] == 3  # prompts of 150 tokens within the budget of 200
+    line = accounting.progress_line(recent_rate=0.5)
+    assert "4/6 (67%" in line and "0.50 rows/s" in line and "ETA 4s" in line

@@ -1,0 +1,75 @@
+"""``--dry-run``: the plan as the final JSON line, with the resume set and ``--limit`` applied, and nothing
+run: no model loaded, no Ray started, nothing written to the output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import annotate, caption
+from pipeline.schema import to_table
+from pipeline.sink import ParquetSink
+from pipeline.storage import StorageOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _clips(tmp_path: Path, clip_bytes: dict, count: int) -> Path:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(count):
+        (clips / f"v{i}.mp4").write_bytes(clip_bytes["red-left.mp4"])
+    return clips
+
+
+def test_dry_run_prints_the_plan_with_resume_and_limit_applied(
+    tmp_path: Path, clip_bytes: dict, capsys
+) -> None:
+    clips, out = _clips(tmp_path, clip_bytes, 5), tmp_path / "out"
+    sink = ParquetSink(str(out), StorageOptions(), run_id="earlier")
+    sink.write(to_table([{"id": "v0:caption", "video_id": "v0", "status": "ok"}]))  # v0 is done
+    sink.close()
+    before = sorted(p.name for p in out.iterdir())
+    assert annotate.main(["--input", str(clips), "--output", str(out), "--limit", "3", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["status"] == "planned" and plan["dry_run"] is True
+    assert (plan["items_total"], plan["items_skipped"], plan["items_to_run"], plan["items_deferred"]) == (
+        5,
+        1,
+        3,
+        1,
+    )
+    assert plan["first_items"] == ["v1:caption", "v2:caption", "v3:caption"] and plan["videos_to_run"] == 3
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, no lease taken
+
+
+def test_dry_run_still_fails_fast_on_a_bad_run(tmp_path: Path, clip_bytes: dict, capsys) -> None:
+    clips = _clips(tmp_path, clip_bytes, 1)
+    code = caption.main(
+        ["--input", str(clips), "--output", str(tmp_path / "o"), "--model", "./nope", "--dry-run"]
+    )
+    assert (
+        code == 2
+        and "no such directory" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    )
+
+
+@pytest.mark.slow
+def test_dry_run_loads_no_model_starts_no_ray_and_imports_no_torch(tmp_path: Path, clip_bytes: dict) -> None:
+    clips = _clips(tmp_path, clip_bytes, 2)
+    code = (
+        "import sys, json\n"
+        "from jobs import caption\n"
+        f"rc = caption.main(['--input', {str(clips)!r}, '--output', {str(tmp_path / 'out')!r}, '--dry-run'])\n"
+        "assert rc == 0, rc\n"
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, "
+        "[m for m in ('torch', 'ray') if m in sys.modules]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["items_to_run"] == 2
+    assert not (tmp_path / "out").exists()
