@@ -19,37 +19,21 @@ inputs are decoded again with ``mode="dense"``, giving ``dense_decode_seconds`` 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.config import AnnotatorSettings
 from pipeline.models import load_model, resolve_model
 from pipeline.prompts import chat_prompt, parse_mcq_answer
+from pipeline.questions import processor_kwargs, question_inputs
 from pipeline.schema import STATUS_ERROR, STATUS_OK, to_table
 from pipeline.sources import Item, items_from_json
-from pipeline.storage import StorageOptions
 from std_core.config import StdConfig
-
-
-@dataclass(frozen=True)
-class AnnotatorSettings:
-    """The actor's constructor arguments: small and picklable (a model location, never weights)."""
-
-    model: str | None
-    model_label: str
-    run_id: str
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    std: StdConfig = field(default_factory=StdConfig)  # the decoder's configuration
-    dense_sample: int = 1
-    dtype: str = "auto"
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    use_gpu: bool = False
-    max_items_per_call: int = 16
 
 
 @dataclass
@@ -122,12 +106,57 @@ class Annotator:
         return [row for one in work for row in self._run_safely([one], compare)]
 
     def run(self, work: list[_Work], compare: bool) -> list[dict]:
-        """Result rows for ``work`` (generated together); with ``compare``, also decoded densely."""
+        """Result rows for ``work`` (generated together); with ``compare``, also decoded densely. With
+        ``share_prefill``, where a video has several questions here, each video is prefilled once."""
+        videos = _by_video(work)
+        if self.settings.share_prefill and len(videos) < len(work):
+            return self._run_shared(videos, compare)
         inputs = self.inputs(work)
-        result, seconds = self._generate(self.decoder, inputs)
-        prompt_len = inputs["input_ids"].shape[1]
-        new_tokens = result.sequences[:, prompt_len:]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        result, seconds = self._generate(lambda decoder, **kw: decoder.generate(**inputs, **kw), self.decoder)
+        prompt_tokens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        rows = self._rows(work, result, seconds, inputs["input_ids"].shape[1], prompt_tokens, shared=False)
+        if compare:
+            dense, dense_seconds = self._generate(lambda d, **kw: d.generate(**inputs, **kw), self.dense)
+            greedy = self.settings.temperature == 0
+            divergences = (
+                _divergences(self.model, inputs, result.sequences, dense.sequences) if greedy else None
+            )
+            self._compare_dense(
+                result.sequences, dense, dense_seconds, inputs["input_ids"].shape[1], rows, divergences
+            )
+        return rows
+
+    def _run_shared(self, videos: list[list[_Work]], compare: bool) -> list[dict]:
+        """Every video's questions from one prefill of the video (``std_core.generate_shared``)."""
+        from std_core import generate_shared
+
+        prompts = [question_inputs(self.processor, group[0].frames, [w.item.prompt for w in group], self.device)
+                   for group in videos]  # fmt: skip
+        work = [one for group in videos for one in group]
+
+        def shared(decoder: object, **kwargs: object) -> object:
+            return generate_shared(decoder, prompts, **kwargs)
+
+        result, seconds = self._generate(shared, self.decoder)
+        prompt_tokens = [int(q["input_ids"].shape[1]) for group in prompts for q in group]
+        prompt_len = max(prompt_tokens)  # the outputs are left padded to the longest prompt
+        rows = self._rows(work, result, seconds, prompt_len, prompt_tokens, shared=True)
+        if compare:
+            dense, dense_seconds = self._generate(shared, self.dense)
+            self._compare_dense(result.sequences, dense, dense_seconds, prompt_len, rows, None)
+        return rows
+
+    def _rows(
+        self,
+        work: list[_Work],
+        result: object,
+        seconds: float,
+        prompt_len: int,
+        prompt_tokens: list[int],
+        shared: bool,
+    ) -> list[dict]:
+        """One ok row per item of ``work`` from a ``GenerateResult`` whose prompts are ``prompt_len`` wide."""
+        texts = self.processor.batch_decode(result.sequences[:, prompt_len:], skip_special_tokens=True)
         share = seconds / len(work)
         rows = []
         for i, one in enumerate(work):
@@ -139,46 +168,45 @@ class Annotator:
                     **_answer_columns(one.item, texts[i].strip()),
                     "status": STATUS_OK,
                     "visual_tokens": result.stats.visual_tokens[i],
-                    "prompt_tokens": int(inputs["attention_mask"][i].sum()),
+                    "prompt_tokens": prompt_tokens[i],
                     "generated_tokens": row_stats.generated,
                     "drafted_tokens": row_stats.drafted,
                     "accepted_tokens": row_stats.accepted,
                     "rounds": row_stats.rounds,
                     "decode_seconds": share,
+                    "shared_prefill": shared,
                     "created_at": datetime.now(timezone.utc),
                 }
             )
-        if compare:
-            self._compare_dense(inputs, result.sequences, rows)
         return rows
 
     def inputs(self, work: list[_Work]) -> dict:
         """Processor inputs for ``work``: the chat template around each prompt, frames as videos."""
         texts = [chat_prompt(self.processor, one.item.prompt) for one in work]
         videos = [one.frames for one in work]
-        kwargs = {}
-        if getattr(self.processor.video_processor, "cap_pixels_per_frame", False) is None:
-            kwargs["cap_pixels_per_frame"] = True  # the reference (qwen-vl-utils) behaviour, stated
-        batch = self.processor(text=texts, videos=videos, padding=True, return_tensors="pt", **kwargs)
+        batch = self.processor(
+            text=texts, videos=videos, padding=True, return_tensors="pt", **processor_kwargs(self.processor)
+        )
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _generate(self, decoder: object, inputs: dict) -> tuple[object, float]:
+    def _generate(self, call: Callable[..., object], decoder: object) -> tuple[object, float]:
+        """``call(decoder, **generation kwargs)``, timed (synchronised on CUDA)."""
         kwargs: dict = {"max_new_tokens": self.settings.max_new_tokens}
         if self.settings.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
             kwargs.update(do_sample=True, temperature=self.settings.temperature, generator=generator)
         _sync(self.device)
         start = time.perf_counter()
-        result = decoder.generate(**inputs, **kwargs)
+        result = call(decoder, **kwargs)
         _sync(self.device)
         return result, time.perf_counter() - start
 
-    def _compare_dense(self, inputs: dict, sequences: torch.Tensor, rows: list[dict]) -> None:
-        """Decode ``inputs`` densely too: per-row dense time share, token equality, first divergence."""
-        dense, seconds = self._generate(self.dense, inputs)
+    def _compare_dense(
+        self, sequences: torch.Tensor, dense: object, seconds: float, prompt_len: int, rows: list[dict],
+        divergences: list | None,
+    ) -> None:  # fmt: skip
+        """Per-row dense time share, token equality with the dense decode, first divergence."""
         greedy = self.settings.temperature == 0
-        divergences = _divergences(self.model, inputs, sequences, dense.sequences) if greedy else None
-        prompt_len = inputs["input_ids"].shape[1]
         texts = self.processor.batch_decode(dense.sequences[:, prompt_len:], skip_special_tokens=True)
         for i, row in enumerate(rows):
             row["dense_decode_seconds"] = seconds / len(rows)
@@ -190,6 +218,14 @@ class Annotator:
             if found is not None:
                 row["divergence_position"] = int(found.position)
                 row["divergence_margin"] = float(found.margin)
+
+
+def _by_video(work: list[_Work]) -> list[list[_Work]]:
+    """``work`` grouped by video, in first-seen order (the items of one video share its frames)."""
+    groups: dict[str, list[_Work]] = {}
+    for one in work:
+        groups.setdefault(one.item.video_id, []).append(one)
+    return list(groups.values())
 
 
 def _divergences(model: torch.nn.Module, inputs: dict, a: torch.Tensor, b: torch.Tensor) -> list | None:

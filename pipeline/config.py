@@ -5,13 +5,16 @@ one ``--flag``, whose ``--help`` is the field's help text) and hands it to
 :func:`pipeline.run.run_pipeline`. A bad value raises ``ValueError`` here, before Ray starts or any model
 loads. Each field's help says what it trades off.
 
-The stages' own settings come from here, never from hand copies of the fields:
+The stages' own settings come from here, never from hand copies of the fields (and the model actor's
+constructor arguments, :class:`AnnotatorSettings`, are defined here too, so the driver never imports
+the actor's module, nor torch):
 :meth:`PipelineConfig.std_config` (the decoder's ``StdConfig``), :meth:`PipelineConfig.frame_sampling`
 (the decode stage's ``FrameSampling``) and :meth:`PipelineConfig.storage_options` (every filesystem).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,12 +28,16 @@ Task = Literal["caption", "qa", "mcq"]
 DecoderMode = Literal["std", "dense", "auto"]
 IfExists = Literal["fail", "resume", "overwrite"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+SharePrefill = Literal["on", "off"]
 
 TASKS: tuple[str, ...] = ("caption", "qa", "mcq")
 DECODERS: tuple[str, ...] = ("std", "dense", "auto")
 IF_EXISTS: tuple[str, ...] = ("fail", "resume", "overwrite")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+SHARE_PREFILL: tuple[str, ...] = ("on", "off")
 DEFAULT_OUTPUT = "./out"
+MIN_PIXELS = 28 * 28  # one merged vision patch of Qwen2-VL: a frame cannot be smaller than one token
+MAX_FRAMES = 10_000  # ~2.8 hours at 1 fps; more frames than this is a typo, not a run that fits in memory
 
 
 def flag(default: Any, help: str, *, name: str | None = None) -> Any:
@@ -148,6 +155,15 @@ class PipelineConfig:
         ),
     )
 
+    share_prefill: SharePrefill = flag(
+        "on",
+        (
+            'qa/mcq: "on" prefills each video once for all its questions in a batch (vision tower and the '
+            'video\'s prefill shared; each question keeps its own sparse selection; same output); "off" '
+            "prefills every question's whole prompt (the earlier behaviour, kept for measuring)."
+        ),
+    )
+
     # --- frames -------------------------------------------------------------------------------------
     num_frames: int = flag(
         8,
@@ -165,6 +181,15 @@ class PipelineConfig:
         (
             "Frames are downscaled on decode to at most this many pixels (aspect kept). None: the model "
             "processor's own per-frame limit. Smaller: less bandwidth and fewer visual tokens, less detail."
+        ),
+    )
+
+    max_decode_mib: int = flag(
+        2048,
+        (
+            "Memory one video's decode may take (MiB), estimated from its header before decoding; a video "
+            "over it is an error row, never an out-of-memory kill. Larger: bigger or longer-GOP videos pass, "
+            "but each decode task reserves more of its node's memory (fewer decode in parallel)."
         ),
     )
 
@@ -192,6 +217,28 @@ class PipelineConfig:
         None,
         "Process at most this many task items (after resume filtering). None: all. Bounds a scheduled run.",
     )
+    dry_run: bool = flag(
+        False,
+        (
+            "Plan only: check storage, model and output, list the inputs, apply the resume set and --limit, "
+            "and print the plan (items to run, items done, items deferred) as the final JSON line. Loads no "
+            "model, starts no Ray actor, writes nothing."
+        ),
+    )
+    wait_for_lease: bool = flag(
+        False,
+        (
+            "When another run holds the output (its _lease.json), wait for it to finish instead of failing "
+            "at once. Either way two runs never work on one output together."
+        ),
+    )
+    wait_for_resources: bool = flag(
+        False,
+        (
+            "Start even when the Ray cluster lacks the actors' CPUs or GPUs right now (an autoscaling cluster "
+            "adds nodes on demand). Without it such a run fails at once, saying what to change."
+        ),
+    )
     num_samples: int = flag(4, "Sample videos generated for the embedded default (no --input).")
     run_id: str | None = flag(
         None,
@@ -203,24 +250,31 @@ class PipelineConfig:
         _one_of("decoder", self.decoder, DECODERS)
         _one_of("if_exists", self.if_exists, IF_EXISTS)
         _one_of("dtype", self.dtype, DTYPES)
-        for name in ("gamma", "sparse_budget", "max_new_tokens", "num_frames", "batch_size", "num_actors"):
+        _one_of("share_prefill", self.share_prefill, SHARE_PREFILL)
+        for name in ("gamma", "sparse_budget", "max_new_tokens", "batch_size", "num_actors"):
             _positive_int(name, getattr(self, name))
+        _positive_int("num_frames", self.num_frames, most=MAX_FRAMES)
         _positive_int("rows_per_file", self.rows_per_file)
+        _positive_int("max_decode_mib", self.max_decode_mib)
         _positive_int("num_samples", self.num_samples)
         if self.limit is not None:
             _positive_int("limit", self.limit)
         if self.max_pixels is not None:
-            _positive_int("max_pixels", self.max_pixels)
+            _positive_int("max_pixels", self.max_pixels, least=MIN_PIXELS, why=" (28*28, one vision patch)")
         if not isinstance(self.dense_sample, int) or self.dense_sample < -1:
             raise ValueError(
                 f"dense_sample must be -1 (all), 0 (off) or a batch count, got {self.dense_sample!r}"
             )
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus!r}")
+        if self.fps is not None and not _finite(self.fps) > 0:
+            raise ValueError(f"fps must be a finite number > 0, got {self.fps!r}")
+        if not _finite(self.temperature) >= 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}"
+            )
+        if self.num_gpus is not None:
+            _check_num_gpus(self.num_gpus)
+        if self.input is not None and not self.input.strip():
+            raise ValueError("input must be a path or URI (leave --input out for the sample videos)")
         if not self.output:
             raise ValueError("output must be a path or URI")
         self.std_config()  # the decoder's own validation, before anything runs
@@ -234,7 +288,9 @@ class PipelineConfig:
         per-frame limit) applies unless ``--max-pixels`` is given."""
         from pipeline.frames import FrameSampling
 
-        return FrameSampling(self.num_frames, self.fps, self.max_pixels or model_max_pixels)
+        return FrameSampling(
+            self.num_frames, self.fps, self.max_pixels or model_max_pixels, self.max_decode_mib << 20
+        )
 
     def storage_options(self) -> StorageOptions:
         """Credentials and endpoint for every filesystem the run touches (input, output, model)."""
@@ -246,6 +302,44 @@ def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def _positive_int(name: str, value: object, least: int = 1, most: int | None = None, why: str = "") -> None:
+    """``value`` is an int (not a bool) in ``[least, most]``; ``why`` explains ``least`` in the message."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}{why}, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be an integer <= {most:,}, got {value!r}")
+
+
+def _finite(value: object) -> float:
+    """``value`` as a float where it is a finite number, else NaN (which fails every comparison)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return float(value)
+
+
+def _check_num_gpus(value: object) -> None:
+    """Ray's rule: a fraction of one GPU (several actors share it) or a whole number of GPUs."""
+    gpus = _finite(value)
+    if not gpus >= 0:
+        raise ValueError(f"num_gpus must be a finite number >= 0, got {value!r}")
+    if gpus > 1 and not gpus.is_integer():
+        raise ValueError(f"num_gpus must be a fraction <= 1 or a whole number of GPUs, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AnnotatorSettings:
+    """The actor's constructor arguments: small and picklable (a model location, never weights)."""
+
+    model: str | None
+    model_label: str
+    run_id: str
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    std: StdConfig = field(default_factory=StdConfig)  # the decoder's configuration
+    dense_sample: int = 1
+    dtype: str = "auto"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    use_gpu: bool = False
+    max_items_per_call: int = 16  # items generated together (bounds memory; a video's questions may split)
+    share_prefill: bool = True  # one prefill per video for its questions (std_core.generate_shared)

@@ -37,6 +37,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("drafted_tokens", pa.int32(), "tokens the sparse draft proposed"),
     ("accepted_tokens", pa.int32(), "drafted tokens that were accepted"),
     ("rounds", pa.int32(), "StD rounds (draft, verify, accept)"),
+    ("shared_prefill", pa.bool_(), "qa/mcq: the video was prefilled once for several of its questions"),
     ("frame_seconds", pa.float64(), "CPU time spent reading and decoding the video"),
     ("decode_seconds", pa.float64(), "this row's share of its batch's generate time (batch time / rows)"),
     ("dense_decode_seconds", pa.float64(), "the same share for a dense re-run, where sampled"),

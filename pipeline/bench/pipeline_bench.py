@@ -38,7 +38,7 @@ from pipeline.frames import FrameDecoder, FrameSampling
 from pipeline.models import pixel_limit
 from pipeline.run import annotator_settings, plan_run, run_pipeline
 from pipeline.sources import video_rows
-from std_core.stats import RowStats, tokens_per_second
+from std_core.stats import RowStats, acceptance_rate, tokens_per_second
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class PipelineBenchConfig:
     ray_cpus: int | None = flag(None, "CPUs of the local Ray cluster; None: every core of this machine")
     decoder: DecoderMode = flag("std", "the pipeline's --decoder")
     max_new_tokens: int = flag(32, "upper bound on generated tokens per row")
+    questions: int = flag(
+        0,
+        "qa questions per video (the demo world's); > 0 measures the annotate stage with --share-prefill on "
+        "and off side by side (items/s, acceptance); 0: the caption task",
+    )
     threads: int = flag(1, "torch threads of the in-process stages")
     out: str = flag("bench-out/pipeline", "scratch folder (videos, Parquet output)")
 
@@ -62,6 +67,8 @@ class PipelineBenchConfig:
         for name in ("videos", "num_frames", "batch_size", "num_actors", "max_new_tokens", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.questions < 0:
+            raise ValueError("questions must be >= 0")
 
     def pipeline_config(self, manifest: Path, output: Path) -> PipelineConfig:
         return PipelineConfig(
@@ -69,6 +76,7 @@ class PipelineBenchConfig:
             output=str(output),
             model=self.model,
             decoder=self.decoder,
+            task="qa" if self.questions else "caption",
             dense_sample=0,
             num_frames=self.num_frames,
             max_new_tokens=self.max_new_tokens,
@@ -86,7 +94,9 @@ def run_pipeline_benchmark(config: PipelineBenchConfig) -> dict:
 
 def _run(config: PipelineBenchConfig) -> dict:
     out = Path(config.out).resolve() / time.strftime("%Y%m%dT%H%M%S")
-    manifest = write_sample_dataset(out / "videos", num_clips=config.videos, seed=0)
+    manifest = write_sample_dataset(
+        out / "videos", num_clips=config.videos, seed=0, questions=config.questions or 3
+    )
     pipeline_config = config.pipeline_config(manifest, out / "stages")
     plan = plan_run(pipeline_config)
     batches = _batches(video_rows(plan.pending), config.batch_size)
@@ -94,6 +104,16 @@ def _run(config: PipelineBenchConfig) -> dict:
     log.info("[pipeline] decode stage: %.2f videos/s per core", decode["decode_videos_per_s_per_core"] or 0.0)
     annotate = annotate_stage(pipeline_config, plan, decoded)
     log.info("[pipeline] annotate stage: %.3f videos/s", annotate["annotate_videos_per_s"])
+    if config.questions:
+        unshared = annotate_stage(replace(pipeline_config, share_prefill="off"), plan, decoded)
+        annotate |= {f"unshared_{k}": v for k, v in unshared.items()}
+        annotate["share_prefill_speedup"] = (
+            annotate["annotate_items_per_s"] / unshared["annotate_items_per_s"]
+        )
+        log.info(
+            "[pipeline] annotate stage, prefill shared / not: %.2fx items/s",
+            annotate["share_prefill_speedup"],
+        )
     e2e = end_to_end(config, replace(pipeline_config, output=str(out / "e2e")), out / "timing")
     return {"benchmark": "pipeline", "status": "ok", "videos": config.videos, **decode, **annotate, **e2e}
 
@@ -137,10 +157,13 @@ def annotate_stage(config: PipelineConfig, plan: object, decoded: list[dict]) ->
     rows = [row for t in tables for row in t.to_pylist()]
     tokens = sum((RowStats.from_columns(row) for row in rows), RowStats()).generated
     ok = sum(row["status"] == "ok" for row in rows)
+    counts = sum((RowStats.from_columns(row) for row in rows if row["status"] == "ok"), RowStats())
     return {
         "annotate_load_seconds": ready - start,
         "annotate_seconds": wall,
         "annotate_videos_per_s": videos / wall,
+        "annotate_items_per_s": len(rows) / wall,
+        "annotate_acceptance_rate": acceptance_rate(counts.accepted, counts.drafted),
         "annotate_tokens_per_s": tokens_per_second(tokens, wall),
         "annotate_rows_ok": ok,
         "annotate_threads": torch.get_num_threads(),

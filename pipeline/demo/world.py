@@ -365,10 +365,11 @@ def heldout_seeds(count: int, offset: int = 0) -> list[int]:
     return [HELDOUT_SEED_BASE + offset + i for i in range(count)]
 
 
-def write_sample_dataset(out_dir: str | Path, num_clips: int = 8, seed: int = 0) -> Path:
+def write_sample_dataset(out_dir: str | Path, num_clips: int = 8, seed: int = 0, questions: int = 3) -> Path:
     """Write ``num_clips`` clips as ``.mp4`` plus ``manifest.jsonl``; return the manifest's path.
 
-    Each row: ``video_uri`` (absolute path), ``id``, ``questions`` (list) with their ground-truth
+    Each row: ``video_uri`` (absolute path), ``id``, ``questions`` (up to ``questions`` of those the
+    world asks about the clip) with their ground-truth
     ``answers``, ``caption`` (ground truth), and one MCQ item as ``question``, ``options``, ``answer``
     (a letter). The clips are held-out clips of the world (seeds never used in training).
     """
@@ -378,7 +379,7 @@ def write_sample_dataset(out_dir: str | Path, num_clips: int = 8, seed: int = 0)
     for i in range(num_clips):
         item = eval_item(SAMPLE_SEED_BASE + seed * 100_000 + i)
         video = encode_video(render_frames(item.clip), out / f"clip_{i:04d}.mp4")
-        pairs = qa_pairs(item.clip)[:3]
+        pairs = qa_pairs(item.clip)[:questions]
         rows.append(
             {
                 "video_uri": str(video),

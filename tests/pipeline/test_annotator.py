@@ -167,3 +167,39 @@ def test_sampling_is_seeded_and_skips_the_greedy_match_check(
     assert first["status"] == "ok" and first["text"] == again["text"]  # the seed fixes the draws
     assert other["text"] != first["text"]
     assert first["dense_match"] is None and first["dense_decode_seconds"] > 0  # timed, not compared
+
+
+def test_shared_prefill_gives_the_same_rows_as_one_prefill_per_question(
+    model_dir: Path, tmp_path: Path, clip_bytes: dict
+) -> None:
+    """Several questions on each of two videos: with the prefill shared the texts and token counts equal
+    one prefill per question (greedy fp32), every row says which path it took, and the dense re-run of
+    the shared path agrees token for token."""
+    questions = ["What colour is the square?", "Which way does it move?", "Is it a square or a circle?"]
+
+    def items(video: str) -> list[Item]:
+        return [
+            _item(video, "qa", id=f"{video}:qa:{i}", question=q, prompt=q) for i, q in enumerate(questions)
+        ]
+
+    batch = _batch(
+        tmp_path, clip_bytes, {"red-left.mp4": items("red-left.mp4"), "blue-up.mp4": items("blue-up.mp4")}
+    )
+    rows = {}
+    for share in (True, False):
+        settings = AnnotatorSettings(model=str(model_dir), model_label="tiny", run_id="q", dense_sample=-1,
+                                     max_new_tokens=8, std=StdConfig(gamma=3, sparse_budget=SPARSE_BUDGET),
+                                     share_prefill=share)  # fmt: skip
+        rows[share] = {r["id"]: r for r in Annotator(settings)(batch).to_pylist()}
+    assert sorted(rows[True]) == sorted(rows[False]) and len(rows[True]) == 6
+    for row_id, shared in rows[True].items():
+        alone = rows[False][row_id]
+        assert shared["status"] == alone["status"] == "ok"
+        assert shared["shared_prefill"] is True and alone["shared_prefill"] is False
+        for column in ("text", "generated_tokens", "prompt_tokens", "visual_tokens"):
+            assert shared[column] == alone[column], (row_id, column)
+        assert shared["dense_match"] is True and alone["dense_match"] is True
+    assert len({r["text"] for r in rows[False].values()}) > 1  # the answers vary, so equality is earned
+    assert (
+        sum(r["drafted_tokens"] > r["accepted_tokens"] for r in rows[True].values()) >= 1
+    )  # some rejections
