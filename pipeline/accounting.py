@@ -148,6 +148,7 @@ class RunAccounting:
             if self.first_batch_at is None
             else round(self.first_batch_at - self.started, 3),
             "videos_per_s": _ratio(self.videos, wall),
+            "items_per_s": _ratio(self.rows, wall),  # rows (one per task item) per second, wall clock
             "steady_videos_per_s": _rounded(self._steady_rate(self.videos, self.first_batch_videos)),
             "generated_tokens_per_s": _rounded(tokens_per_second(counts.generated, wall)),
             "decode_seconds": round(self.decode_seconds, 4),

@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import AnnotatorSettings
 from pipeline.models import load_model, resolve_model
-from pipeline.prompts import chat_prompt, parse_mcq_answer
+from pipeline.prompts import MCQ_PARSERS, chat_prompt
 from pipeline.questions import processor_kwargs, question_inputs
 from pipeline.schema import STATUS_ERROR, STATUS_OK, to_table
 from pipeline.sources import Item, items_from_json
@@ -165,7 +165,7 @@ class Annotator:
                 {
                     **_item_columns(one.item),
                     **one.base,
-                    **_answer_columns(one.item, texts[i].strip()),
+                    **_answer_columns(one.item, texts[i].strip(), self.settings.mcq_parser),
                     "status": STATUS_OK,
                     "visual_tokens": result.stats.visual_tokens[i],
                     "prompt_tokens": prompt_tokens[i],
@@ -266,10 +266,10 @@ def _item_columns(item: Item) -> dict:
     }
 
 
-def _answer_columns(item: Item, text: str) -> dict:
+def _answer_columns(item: Item, text: str, parser: str = "default") -> dict:
     if item.task != "mcq":
         return {"text": text}
-    predicted = parse_mcq_answer(text, len(item.options))
+    predicted = MCQ_PARSERS[parser](text, len(item.options))
     correct = None if item.answer is None else predicted == item.answer
     return {"text": text, "predicted": predicted, "correct": correct}
 

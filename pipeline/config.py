@@ -29,12 +29,14 @@ DecoderMode = Literal["std", "dense", "auto"]
 IfExists = Literal["fail", "resume", "overwrite"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SharePrefill = Literal["on", "off"]
+McqParserName = Literal["default", "lmms-eval"]
 
 TASKS: tuple[str, ...] = ("caption", "qa", "mcq")
 DECODERS: tuple[str, ...] = ("std", "dense", "auto")
 IF_EXISTS: tuple[str, ...] = ("fail", "resume", "overwrite")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 SHARE_PREFILL: tuple[str, ...] = ("on", "off")
+MCQ_PARSER_NAMES: tuple[str, ...] = ("default", "lmms-eval")  # the keys of pipeline.prompts.MCQ_PARSERS
 DEFAULT_OUTPUT = "./out"
 MIN_PIXELS = 28 * 28  # one merged vision patch of Qwen2-VL: a frame cannot be smaller than one token
 MAX_FRAMES = 10_000  # ~2.8 hours at 1 fps; more frames than this is a typo, not a run that fits in memory
@@ -164,6 +166,15 @@ class PipelineConfig:
         ),
     )
 
+    mcq_parser: McqParserName = flag(
+        "default",
+        (
+            'How an MCQ answer becomes an option letter (the rows\' predicted / correct): "default", the '
+            'first standalone option letter; "lmms-eval", lmms-eval\'s parsing (strips "The best answer is" '
+            "and the like), so benchmark accuracies compare with published ones."
+        ),
+    )
+
     # --- frames -------------------------------------------------------------------------------------
     num_frames: int = flag(
         8,
@@ -251,6 +262,7 @@ class PipelineConfig:
         _one_of("if_exists", self.if_exists, IF_EXISTS)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("share_prefill", self.share_prefill, SHARE_PREFILL)
+        _one_of("mcq_parser", self.mcq_parser, MCQ_PARSER_NAMES)
         for name in ("gamma", "sparse_budget", "max_new_tokens", "batch_size", "num_actors"):
             _positive_int(name, getattr(self, name))
         _positive_int("num_frames", self.num_frames, most=MAX_FRAMES)
@@ -343,3 +355,4 @@ class AnnotatorSettings:
     use_gpu: bool = False
     max_items_per_call: int = 16  # items generated together (bounds memory; a video's questions may split)
     share_prefill: bool = True  # one prefill per video for its questions (std_core.generate_shared)
+    mcq_parser: str = "default"  # a key of pipeline.prompts.MCQ_PARSERS

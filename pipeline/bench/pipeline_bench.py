@@ -55,13 +55,13 @@ class PipelineBenchConfig:
     ray_cpus: int | None = flag(None, "CPUs of the local Ray cluster; None: every core of this machine")
     decoder: DecoderMode = flag("std", "the pipeline's --decoder")
     max_new_tokens: int = flag(32, "upper bound on generated tokens per row")
+    threads: int = flag(1, "torch threads of the in-process stages")
+    out: str = flag("bench-out/pipeline", "scratch folder (videos, Parquet output)")
     questions: int = flag(
         0,
         "qa questions per video (the demo world's); > 0 measures the annotate stage with --share-prefill on "
         "and off side by side (items/s, acceptance); 0: the caption task",
     )
-    threads: int = flag(1, "torch threads of the in-process stages")
-    out: str = flag("bench-out/pipeline", "scratch folder (videos, Parquet output)")
 
     def __post_init__(self) -> None:
         for name in ("videos", "num_frames", "batch_size", "num_actors", "max_new_tokens", "threads"):

@@ -73,3 +73,17 @@ def test_dry_run_loads_no_model_starts_no_ray_and_imports_no_torch(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["items_to_run"] == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_dry_run_plans_every_task_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    from jobs import evaluate
+    from pipeline.demo.world import write_sample_dataset
+
+    manifest = write_sample_dataset(tmp_path / "videos", num_clips=2, seed=3)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--input", str(manifest), "--output", str(out), "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["status"] == "planned" and report["tasks"] == ["caption", "qa", "mcq"]
+    to_run = {task: plan["items_to_run"] for task, plan in report["plans"].items()}
+    assert to_run == {"caption": 2, "qa": 6, "mcq": 2}  # 3 questions and one MCQ item per clip
+    assert not out.exists()

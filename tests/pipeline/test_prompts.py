@@ -71,3 +71,32 @@ def test_answer_letter_maps_a_zero_based_index() -> None:
 def test_answer_letter_prefers_an_option_s_text_over_an_index() -> None:
     assert answer_letter("2", ["1", "2", "3"]) == "B"  # the option "2", not index 2
     assert answer_letter(0, ["1", "2", "3"]) == "A"  # no option reads "0": the index
+
+
+def test_the_mcq_parser_registry_holds_both_rules_and_they_differ_where_lmms_eval_does() -> None:
+    from pipeline.prompts import MCQ_PARSERS
+
+    assert set(MCQ_PARSERS) == {"default", "lmms-eval"}
+    text = "Answer: (C) because D is wrong"  # lmms-eval takes the first capital A-D: the A of "Answer"
+    assert MCQ_PARSERS["default"](text, 4) == "C" and MCQ_PARSERS["lmms-eval"](text, 4) == "A"
+    assert all(parse("The best answer is B.", 4) == "B" for parse in MCQ_PARSERS.values())
+
+
+def test_the_jobs_mcq_parser_reaches_the_actor_settings() -> None:
+    from pipeline.config import PipelineConfig
+    from pipeline.run import Plan, annotator_settings
+    from pipeline.storage import StorageOptions
+
+    plan = Plan("in", [], [], StorageOptions(), "r")
+    config = PipelineConfig(mcq_parser="lmms-eval", share_prefill="off")
+    settings = annotator_settings(config, plan, 0.0)
+    assert settings.mcq_parser == "lmms-eval" and settings.share_prefill is False
+    with pytest.raises(ValueError, match="mcq_parser"):
+        PipelineConfig(mcq_parser="guess")
+
+
+def test_the_config_knows_every_parser_by_name() -> None:
+    from pipeline.config import MCQ_PARSER_NAMES
+    from pipeline.prompts import MCQ_PARSERS
+
+    assert set(MCQ_PARSER_NAMES) == set(MCQ_PARSERS)

@@ -109,6 +109,7 @@ def test_accounting_summary_from_rows() -> None:
     assert summary["mcq_accuracy"] == 1.0 and summary["top_errors"] == {"boom": 1}
     assert summary["gpu_seconds_per_video"] == pytest.approx(2 * 6.0 / 3, rel=0.05)  # 2 GPUs held for 6 s
     assert summary["videos_per_s"] == pytest.approx(3 / 6.0, rel=0.05)
+    assert summary["items_per_s"] == pytest.approx(4 / 6.0, rel=0.05)  # 4 rows (items) of 3 videos
     assert "rows 4/4" in accounting.progress_line()
 
 
