@@ -196,7 +196,7 @@ class PipelineConfig:
     )
 
     max_decode_mib: int = flag(
-        2048,
+        1024,
         (
             "Memory one video's decode may take (MiB), estimated from its header before decoding; a video "
             "over it is an error row, never an out-of-memory kill. Larger: bigger or longer-GOP videos pass, "

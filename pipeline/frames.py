@@ -59,7 +59,7 @@ from pipeline.video_decode import (
 DEFAULT_MAX_PIXELS = 28 * 28 * 768
 # Per-video memory budget: by estimate_decode_bytes, 8 frames of 8-bit 4K video take ~0.3 GiB, of 8K
 # ~1.1 GiB; 16K (~4.3 GiB) is refused.
-MAX_DECODE_BYTES = 2 << 30
+MAX_DECODE_BYTES = 1 << 30  # the default of --max-decode-mib (1024)
 REFERENCE_PICTURES = 16  # the most pictures an H.264 / HEVC decoder keeps for reference
 IN_FLIGHT_PICTURES = 2  # the picture being decoded and the one handed out
 PACKET_PICTURES = 1  # the compressed picture being read is at most its decoded size

@@ -1,13 +1,17 @@
-"""The processor: check → plan → Ray Data stages → stream rows into Parquet → summary.
+"""The processor: check → plan → lease → Ray Data stages → stream rows into Parquet → summary.
 
     inputs (driver: URIs only) ─► decode frames (CPU tasks) ─► annotate (actor pool, GPU) ─► driver
                                                                                         │
                                _summary.json ◄─ accounting ◄── atomic Parquet parts ◄───┘
 
-Everything that can be wrong with the run as a whole (storage, bucket, manifest, model location,
-an output that already holds rows) is checked before Ray starts a model actor. Result rows stream back
-to the driver (text and counters only: frames stay in the workers), which commits them in whole files
-and keeps the accounting; a batch that Ray retries after an actor crash is delivered once.
+Everything that can be wrong with the run as a whole (run id, storage, bucket, manifest, model
+location, a writable output, an output that already holds rows, resources that fit the cluster) is
+checked before Ray starts a model actor (``pipeline.checks``). The run then holds the output's lease
+(``pipeline.lease``: one run per output) while it reads the resume set and works. Result rows stream
+back to the driver (text and counters only: frames stay in the workers), which commits them in whole
+files and keeps the accounting; a batch that Ray retries after an actor crash is delivered once, and an
+item whose task failed for good comes back as an error row written by the driver. SIGINT / SIGTERM stop
+the run with what was received committed and a summary that says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -36,19 +40,20 @@ from pipeline.storage import StorageOptions, check_reachable, is_object_store, j
 
 log = logging.getLogger(__name__)
 
-# A decode task that fails (a killed worker, say) is retried this often, then fails the run with its
-# reason; Ray Data's default retries without end. Per-video faults never fail a task: they are rows.
+# A decode task that fails (a killed worker, say) is retried this often; then its block is dropped and
+# its items become error rows (Ray Data's default retries without end). Per-video faults never fail a
+# task: they are rows already.
 DECODE_TASK_RETRIES = 3
 MAX_BLOCKS = 10_000  # input blocks: one video each up to this many videos, then len / MAX_BLOCKS each
 DECODE_TASK_OVERHEAD = 300 << 20  # the task's interpreter, libraries and buffers beyond the frames
 
 
-def decode_task_memory(config: PipelineConfig, sampling: FrameSampling) -> int:
-    """Heap reserved per decode task: one video's decode budget plus the batch's sampled frames (uint8
+def decode_task_memory(sampling: FrameSampling, videos_per_task: int) -> int:
+    """Heap reserved per decode task: one video's decode budget plus the task's sampled frames (uint8
     RGB at the pixel limit). It bounds concurrent decodes per node, and (being a different resource
     request from the model actors) keeps Ray from fusing decoding into the actor stage on CPU-only
     clusters."""
-    frames = config.batch_size * config.num_frames * sampling.max_pixels * 3
+    frames = videos_per_task * sampling.num_frames * sampling.max_pixels * 3
     return sampling.max_decode_bytes + frames + DECODE_TASK_OVERHEAD
 
 
@@ -193,14 +198,15 @@ def build_dataset(
     # worker killed for memory, say) costs its own video only. A block whose task still fails after
     # its retries is dropped instead of failing the run; the driver writes an error row for each of
     # its items (see _stream), so no item is lost.
+    videos_per_task = max(1, math.ceil(len(rows) / MAX_BLOCKS))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_BLOCKS)))
     ds.context.max_errored_blocks = -1
     ds = ds.map_batches(
         decode_fn,
         fn_kwargs={"sampling": sampling, "storage": plan.storage},
-        batch_size=max(1, math.ceil(len(rows) / MAX_BLOCKS)),
+        batch_size=videos_per_task,
         num_cpus=1,
-        memory=decode_task_memory(config, sampling),
+        memory=decode_task_memory(sampling, videos_per_task),
         max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(

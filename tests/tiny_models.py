@@ -343,3 +343,10 @@ def make_inputs(
         kwargs["images"] = images
     batch = tiny.processor(**kwargs)
     return dict(batch)
+
+
+def assert_same(result: torch.Tensor, reference: torch.Tensor) -> None:
+    """Token-for-token equality, naming the first mismatch (row, column) when there is one."""
+    assert result.shape == reference.shape, f"{tuple(result.shape)} != {tuple(reference.shape)}"
+    mismatch = (result != reference).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (row, col): {mismatch[0].tolist()}"

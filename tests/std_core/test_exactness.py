@@ -66,12 +66,6 @@ def case(arch: str) -> Case:
     return _CASES[arch]
 
 
-def assert_same(result: torch.Tensor, reference: torch.Tensor) -> None:
-    assert result.shape == reference.shape, f"{tuple(result.shape)} != {tuple(reference.shape)}"
-    mismatch = (result != reference).nonzero()
-    assert mismatch.numel() == 0, f"first mismatch (row, col): {mismatch[0].tolist()}"
-
-
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
 def test_reference_output_is_varied(arch: str) -> None:
     c = case(arch)
@@ -93,7 +87,7 @@ def test_greedy_std_equals_generate_batch(arch: str, gamma: int, budget: str) ->
     text_tokens = int((c.inputs["attention_mask"].bool() & ~visual).sum(dim=1).max())  # max m_t
     sparse_budget = {"no_visual": 1, "some_visual": text_tokens + 48, "all_visual": 10**6}[budget]
     result = c.decode(StdConfig(gamma=gamma, sparse_budget=sparse_budget))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
@@ -101,14 +95,14 @@ def test_greedy_std_equals_generate_batch(arch: str, gamma: int, budget: str) ->
 def test_greedy_std_equals_generate_single(arch: str, gamma: int) -> None:
     c = case(arch)
     result = c.decode(StdConfig(gamma=gamma, sparse_budget=64), single=True)
-    assert_same(result.sequences, c.reference_single)
+    tm.assert_same(result.sequences, c.reference_single)
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
 def test_dense_mode_equals_generate(arch: str) -> None:
     c = case(arch)
     result = c.decode(StdConfig(mode="dense"))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     assert result.stats.total.drafted == 0
     assert result.stats.total.rounds == result.stats.total.generated - len(result.stats.rows)
 
@@ -117,7 +111,7 @@ def test_dense_mode_equals_generate(arch: str) -> None:
 def test_sequential_verify_equals_generate(arch: str) -> None:
     c = case(arch)
     result = c.decode(StdConfig(gamma=4, sparse_budget=40, verify="sequential"))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
@@ -127,7 +121,7 @@ def test_keeping_every_visual_token_accepts_every_draft(arch: str) -> None:
     c = case(arch)
     gamma = 4
     result = c.decode(StdConfig(gamma=gamma, sparse_budget=10**6))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     for row in result.stats.rows:
         assert row.rounds == math.ceil((row.generated - 1) / (gamma + 1)), row
         assert row.accepted == row.drafted and row.rejections == 0, row  # unusable drafts not counted
@@ -145,7 +139,7 @@ def test_rows_stop_at_eos_at_different_times(arch: str) -> None:
         f"the batch must mix early EOS and full rows: {lengths}"
     )
     result = c.decode(StdConfig(gamma=4, sparse_budget=40))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     assert [row.generated for row in result.stats.rows] == lengths
 
 
@@ -161,7 +155,7 @@ def test_a_deliberately_bad_draft_still_gives_the_dense_output(monkeypatch: pyte
 
     monkeypatch.setattr(decoder_module._Decode, "draft", bad_draft)
     result = c.decode(StdConfig(gamma=4, sparse_budget=10**6))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     assert result.stats.total.acceptance_rate < 0.2
 
 
@@ -169,7 +163,7 @@ def test_one_rows_rejection_keeps_other_rows_accepted_tokens() -> None:
     """Rows accept different amounts per round; each keeps its own (no minimum over the batch)."""
     c = case("qwen2_5_vl")
     result = c.decode(StdConfig(gamma=9, sparse_budget=40))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     rounds = [row.rounds for row in result.stats.rows]
     assert len(set(rounds)) > 1, f"rows should progress at different speeds: {rounds}"
     assert min(rounds) < result.stats.batch_rounds
@@ -179,7 +173,7 @@ def test_one_rows_rejection_keeps_other_rows_accepted_tokens() -> None:
 def test_auto_mode_equals_generate(arch: str) -> None:
     c = case(arch)
     result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     assert set(result.stats.round_gammas) <= set(range(7))
 
 
@@ -192,5 +186,5 @@ def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: 
     monkeypatch.setattr(AutoPolicy, "choose", lambda self: next(pattern))
     c = case("qwen2_vl")
     result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
-    assert_same(result.sequences, c.reference)
+    tm.assert_same(result.sequences, c.reference)
     assert result.stats.round_gammas[:8] == (0, 0, 3, 0, 0, 0, 5, 1)

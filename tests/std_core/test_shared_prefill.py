@@ -91,12 +91,6 @@ def case(arch: str) -> Case:
     return _CASES[arch]
 
 
-def assert_same(result: torch.Tensor, reference: torch.Tensor) -> None:
-    assert result.shape == reference.shape, f"{tuple(result.shape)} != {tuple(reference.shape)}"
-    mismatch = (result != reference).nonzero()
-    assert mismatch.numel() == 0, f"first mismatch (row, col): {mismatch[0].tolist()}"
-
-
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
 def test_reference_outputs_differ_across_questions(arch: str) -> None:
     c = case(arch)
@@ -116,7 +110,7 @@ def test_reference_outputs_differ_across_questions(arch: str) -> None:
 def test_shared_prefill_equals_generate_per_question(arch: str, mode: str) -> None:
     c = case(arch)
     result, expected = c.shared(StdConfig(mode=mode, gamma=4, sparse_budget=SMALL_BUDGET), videos=[0])
-    assert_same(result.sequences, expected)
+    tm.assert_same(result.sequences, expected)
     assert len(result.stats.rows) == len(QUESTIONS)
     if mode == "std":
         total = result.stats.total
@@ -127,7 +121,7 @@ def test_shared_prefill_equals_generate_per_question(arch: str, mode: str) -> No
 def test_several_videos_with_several_questions_in_one_batch(arch: str) -> None:
     c = case(arch)
     result, expected = c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
-    assert_same(result.sequences, expected)
+    tm.assert_same(result.sequences, expected)
     assert result.stats.visual_tokens[0] != result.stats.visual_tokens[-1]  # rows of both videos
 
 
@@ -136,7 +130,7 @@ def test_keeping_every_visual_token_accepts_every_draft(arch: str) -> None:
     """Draft ≡ dense when K = all visual tokens: any wrong suffix position would reject drafts."""
     c = case(arch)
     result, expected = c.shared(StdConfig(gamma=4, sparse_budget=10**6), videos=[0])
-    assert_same(result.sequences, expected)
+    tm.assert_same(result.sequences, expected)
     assert all(row.accepted == row.drafted and row.rejections == 0 for row in result.stats.rows)
 
 
@@ -145,7 +139,7 @@ def test_sink_window_draft_equals_generate(arch: str) -> None:
     c = case(arch)
     config = StdConfig(gamma=4, sparse_budget=SMALL_BUDGET, selection="sink_window")
     result, expected = c.shared(config, videos=[0, 1])
-    assert_same(result.sequences, expected)
+    tm.assert_same(result.sequences, expected)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
@@ -217,3 +211,29 @@ def test_prompts_that_do_not_share_the_video_are_refused() -> None:
     decoder = SparseToDenseDecoder(c.tiny.model, StdConfig())
     with pytest.raises(ValueError, match="same tokens as question 0"):
         generate_shared(decoder, [[c.questions[0][0], other_video]], max_new_tokens=4)
+
+
+def test_shared_prefill_samples_the_dense_joint_distribution() -> None:
+    """Sampling: thousands of rows of one question on one video (one shared prefill), drafts that are
+    often rejected; the joint distribution of three sampled tokens matches the warped dense model's,
+    enumerated exactly on the full prompt (the method of ``test_sampling.py``)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tests.std_core.test_sampling import _exact_joint, total_variation
+
+    tiny = tm.build("qwen2_vl", seed=3)
+    inputs = tm.make_inputs(tiny, [tm.random_video(4, 28, 28, seed=5)], ["describe the video"])
+    warp = LogitsProcessorList([TemperatureLogitsWarper(4.0), TopKLogitsWarper(3), TopPLogitsWarper(0.9)])
+    steps, trials = 3, 3000
+    with torch.inference_mode():
+        exact = _exact_joint(tiny.model, inputs, warp, steps)
+    assert len(exact) >= 4, "the warped distribution must have several outcomes to test anything"
+    decoder = SparseToDenseDecoder(tiny.model, StdConfig(gamma=2, sparse_budget=1, selection="sink_window"))
+    questions = [inputs] + [_tokens_only(inputs)] * (trials - 1)
+    result = generate_shared(decoder, [questions], max_new_tokens=steps, do_sample=True, temperature=4.0,
+                             top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.stats.total.drafted > 0 and result.stats.total.acceptance_rate < 1.0
+    tv = total_variation(result.sequences[:, -steps:], exact)
+    assert tv < 0.06, (
+        f"total variation {tv:.3f} between shared-prefill samples and the exact dense distribution"
+    )
