@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ class PipelineBenchConfig:
         "qa questions per video (the demo world's); > 0 measures the annotate stage with --share-prefill on "
         "and off side by side (items/s, acceptance); 0: the caption task",
     )
+    dry_run: bool = flag(False, "plan only: print the configuration as the final JSON line; run nothing")
 
     def __post_init__(self) -> None:
         for name in ("videos", "num_frames", "batch_size", "num_actors", "max_new_tokens", "threads"):
@@ -87,7 +88,10 @@ class PipelineBenchConfig:
 
 
 def run_pipeline_benchmark(config: PipelineBenchConfig) -> dict:
-    """All three measurements (see the module docstring); returns one flat summary."""
+    """All three measurements (see the module docstring); returns one flat summary (with ``dry_run``:
+    the configuration, and nothing run)."""
+    if config.dry_run:
+        return {"benchmark": "pipeline", "status": "planned", "dry_run": True, "config": asdict(config)}
     with torch_threads(config.threads):
         return _run(config)
 

@@ -69,6 +69,9 @@ class DecoderBenchConfig:
     seed: int = flag(0, "seed of the random weights and the synthetic inputs")
     init_std: float | None = flag(None, "preset weight init std (0.5: varied tokens)")
     name: str | None = flag(None, "sweep file name; None: decoder-<model>-<device>")
+    dry_run: bool = flag(
+        False, "plan only: print the cases that would run as the final JSON line; load no model"
+    )
 
     def __post_init__(self) -> None:
         defaults = {
@@ -133,7 +136,11 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
 
 
 def run_decoder_benchmark(config: DecoderBenchConfig) -> dict:
-    """Run every case; with ``sweep``, write the table (markdown, CSV) and figure. Returns the summary."""
+    """Run every case; with ``sweep``, write the table (markdown, CSV) and figure. Returns the summary
+    (with ``dry_run``: the cases that would run, and nothing run)."""
+    if config.dry_run:
+        planned = [dataclasses.asdict(case) for case in cases(config)]
+        return {"benchmark": "decoder", "status": "planned", "dry_run": True, "cases": planned}
     with torch_threads(config.threads):
         return _run(config)
 

@@ -89,6 +89,9 @@ class TrainConfig:
         str(builders.default_model_dir()), "model directory to write (the committed demo model by default)"
     )
     force: bool = flag(False, "overwrite existing weights in --output")
+    dry_run: bool = flag(
+        False, "plan only: check --output / --force and print the run's settings; train nothing"
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.clips_per_step < 1 or self.warmup < 0:
@@ -377,6 +380,14 @@ def train_demo_model(cfg: TrainConfig, command: str) -> dict:
     out = Path(cfg.output)
     if (out / "model.safetensors").exists() and not cfg.force:
         raise PipelineError(f"{out / 'model.safetensors'} exists: refusing to overwrite it without --force")
+    if cfg.dry_run:
+        return {
+            "status": "planned",
+            "dry_run": True,
+            "output": str(out),
+            "command": command,
+            "config": asdict(cfg),
+        }
     started = time.time()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)

@@ -87,3 +87,41 @@ def test_evaluate_dry_run_plans_every_task_and_writes_nothing(tmp_path: Path, ca
     to_run = {task: plan["items_to_run"] for task, plan in report["plans"].items()}
     assert to_run == {"caption": 2, "qa": 6, "mcq": 2}  # 3 questions and one MCQ item per clip
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["decoder", "--visual-tokens", "1024", "4096", "--batch", "1", "8"],
+            4,
+        ),  # the grid: 2 sizes × 2 batches
+        (["pipeline", "--videos", "3"], None),
+    ],
+)
+def test_the_benchmarks_dry_run_lists_what_would_run(argv: list[str], expected: int | None, capsys) -> None:
+    from jobs import benchmark
+
+    assert benchmark.main([*argv, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["status"] == "planned" and plan["dry_run"] is True
+    if expected is None:
+        assert plan["config"]["videos"] == 3
+    else:
+        cases = plan["cases"]
+        assert len(cases) == expected and {(c["visual_tokens"], c["batch"]) for c in cases} == {
+            (1024, 1), (1024, 8), (4096, 1), (4096, 8)
+        }  # fmt: skip
+
+
+def test_training_dry_run_checks_the_output_and_trains_nothing(tmp_path: Path, capsys) -> None:
+    from jobs import train_demo_model
+
+    out = tmp_path / "model"
+    assert train_demo_model.main(["--output", str(out), "--steps", "5", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["status"] == "planned" and plan["config"]["steps"] == 5 and not out.exists()
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    assert train_demo_model.main(["--output", str(out), "--dry-run"]) == 2  # the --force guard still applies
+    assert "refusing to overwrite" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
