@@ -95,22 +95,39 @@ def total_variation(samples: torch.Tensor, exact: dict[tuple[int, ...], float]) 
     return 0.5 * sum(abs(counts.get(k, 0) / samples.shape[0] - exact[k]) for k in exact)
 
 
-def test_decoder_samples_the_dense_joint_distribution() -> None:
+JOINT_STEPS, JOINT_TRIALS = 3, 3000
+JOINT_WARP = {"temperature": 4.0, "top_k": 3, "top_p": 0.9}
+
+
+def joint_case() -> tuple[dict, dict[tuple[int, ...], float], SparseToDenseDecoder]:
+    """The joint test's setup: one prompt to a tiny Qwen2-VL, the exact distribution of its next
+    ``JOINT_STEPS`` tokens under ``JOINT_WARP`` (enumerated), and a decoder whose draft (sink + window,
+    budget 1) is rejected often."""
     tiny = tm.build("qwen2_vl", seed=3)
     inputs = tm.make_inputs(tiny, [tm.random_video(4, 28, 28, seed=5)], ["describe the video"])
-    warp = LogitsProcessorList([TemperatureLogitsWarper(4.0), TopKLogitsWarper(3), TopPLogitsWarper(0.9)])
-    steps, trials = 3, 3000
+    w = JOINT_WARP
+    warp = LogitsProcessorList(
+        [
+            TemperatureLogitsWarper(w["temperature"]),
+            TopKLogitsWarper(w["top_k"]),
+            TopPLogitsWarper(w["top_p"]),
+        ]
+    )
     with torch.inference_mode():
-        exact = _exact_joint(tiny.model, inputs, warp, steps)
+        exact = _exact_joint(tiny.model, inputs, warp, JOINT_STEPS)
     assert len(exact) >= 4, "the warped distribution must have several outcomes to test anything"
     decoder = SparseToDenseDecoder(tiny.model, StdConfig(gamma=2, sparse_budget=1, selection="sink_window"))
+    return inputs, exact, decoder
+
+
+def test_decoder_samples_the_dense_joint_distribution() -> None:
+    inputs, exact, decoder = joint_case()
+    steps, trials = JOINT_STEPS, JOINT_TRIALS
     result = decoder.generate(
         **_expand(inputs, trials),
         max_new_tokens=steps,
         do_sample=True,
-        temperature=4.0,
-        top_k=3,
-        top_p=0.9,
+        **JOINT_WARP,
         generator=torch.Generator().manual_seed(0),
     )
     assert result.stats.total.drafted > 0 and result.stats.total.acceptance_rate < 1.0

@@ -217,21 +217,19 @@ def test_shared_prefill_samples_the_dense_joint_distribution() -> None:
     """Sampling: thousands of rows of one question on one video (one shared prefill), drafts that are
     often rejected; the joint distribution of three sampled tokens matches the warped dense model's,
     enumerated exactly on the full prompt (the method of ``test_sampling.py``)."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from tests.std_core.test_sampling import (
+        JOINT_STEPS,
+        JOINT_TRIALS,
+        JOINT_WARP,
+        joint_case,
+        total_variation,
+    )
 
-    from tests.std_core.test_sampling import _exact_joint, total_variation
-
-    tiny = tm.build("qwen2_vl", seed=3)
-    inputs = tm.make_inputs(tiny, [tm.random_video(4, 28, 28, seed=5)], ["describe the video"])
-    warp = LogitsProcessorList([TemperatureLogitsWarper(4.0), TopKLogitsWarper(3), TopPLogitsWarper(0.9)])
-    steps, trials = 3, 3000
-    with torch.inference_mode():
-        exact = _exact_joint(tiny.model, inputs, warp, steps)
-    assert len(exact) >= 4, "the warped distribution must have several outcomes to test anything"
-    decoder = SparseToDenseDecoder(tiny.model, StdConfig(gamma=2, sparse_budget=1, selection="sink_window"))
+    inputs, exact, decoder = joint_case()
+    steps, trials = JOINT_STEPS, JOINT_TRIALS
     questions = [inputs] + [_tokens_only(inputs)] * (trials - 1)
-    result = generate_shared(decoder, [questions], max_new_tokens=steps, do_sample=True, temperature=4.0,
-                             top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    result = generate_shared(decoder, [questions], max_new_tokens=steps, do_sample=True, **JOINT_WARP,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert result.stats.total.drafted > 0 and result.stats.total.acceptance_rate < 1.0
     tv = total_variation(result.sequences[:, -steps:], exact)
     assert tv < 0.06, (
