@@ -41,3 +41,44 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class SignalGuard:
+    """While entered (main thread), SIGINT and SIGTERM raise :class:`RunInterrupted`, except inside
+    :meth:`critical`, where the signal is remembered and raised as the section ends without an error:
+    so a block of rows is written and counted together, or not at all. ``pending`` holds a signal that
+    came in a section whose end did not raise it (``critical(raise_pending=False)``)."""
+
+    def __init__(self) -> None:
+        self.pending: str | None = None
+        self._depth = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handler(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self._depth:
+            self.pending = self.pending or name
+            return
+        raise RunInterrupted(name)
+
+    @contextlib.contextmanager
+    def critical(self, raise_pending: bool = True) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if raise_pending and not self._depth and self.pending:
+            name, self.pending = self.pending, None
+            raise RunInterrupted(name)

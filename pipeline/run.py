@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipeline.accounting import Progress, RunAccounting
 from pipeline.checks import check_resources, check_run_id, check_writable
 from pipeline.config import AnnotatorSettings, PipelineConfig
-from pipeline.errors import PipelineError, RunInterrupted, sigterm_raises
+from pipeline.errors import PipelineError, RunInterrupted, SignalGuard
 from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
@@ -348,6 +348,19 @@ class _Outcome:
         return "ok" if complete else "incomplete"
 
 
+def _write_lost_items(
+    config: PipelineConfig, plan: Plan, received: set[str], sink: ParquetSink, accounting: RunAccounting
+) -> None:
+    """Error rows for the items whose block came back from no task (see :func:`lost_item_rows`)."""
+    lost = lost_item_rows(config, plan, received)
+    if lost.num_rows:
+        log.warning(
+            "[run] %d item(s) got no result (their task failed after retries): error rows", lost.num_rows
+        )
+        sink.write(lost)
+        accounting.add(lost)
+
+
 def _stream(
     ds, config: PipelineConfig, plan: Plan, accounting: RunAccounting, lease: OutputLease
 ) -> _Outcome:
@@ -357,32 +370,32 @@ def _stream(
     progress = Progress(accounting)
     outcome = _Outcome(files=sink.files)
     received: set[str] = set()
-    try:
-        with sigterm_raises():
+    with SignalGuard() as guard:
+        try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if lease.lost():
                     raise PipelineError(f"another run took over the lease of {config.output}")
-                sink.write(block)
-                accounting.add(block)
-                received.update(block["id"].to_pylist())
+                with guard.critical():  # written and counted together: the summary agrees with the files
+                    sink.write(block)
+                    accounting.add(block)
+                    received.update(block["id"].to_pylist())
                 progress.update()
-        lost = lost_item_rows(config, plan, received)
-        if lost.num_rows:
-            log.warning(
-                "[run] %d item(s) got no result (their task failed after retries): error rows", lost.num_rows
-            )
-            sink.write(lost)
-            accounting.add(lost)
-    except (KeyboardInterrupt, RunInterrupted) as exc:
-        outcome.signal = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
-        log.warning("[run] %s: stopping; committing the rows received so far", outcome.signal)
-    except Exception as exc:  # a failed write or a failed Ray stage: keep what is committed, say why
-        outcome.error = f"{type(exc).__name__}: {exc}"
-        log.exception("[run] streaming rows failed")
-    try:
-        sink.close()
-    except Exception as exc:
-        outcome.error = outcome.error or f"committing the last rows failed: {type(exc).__name__}: {exc}"
-        log.exception("[run] committing the last rows failed")
+            with guard.critical():
+                _write_lost_items(config, plan, received, sink, accounting)
+        except RunInterrupted as exc:
+            outcome.signal = exc.signal_name
+            log.warning("[run] %s: stopping; committing the rows received so far", outcome.signal)
+        except Exception as exc:  # a failed write or a failed Ray stage: keep what is committed, say why
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            log.exception("[run] streaming rows failed")
+        with guard.critical(raise_pending=False):  # a second signal does not cut the last commit short
+            try:
+                sink.close()
+            except Exception as exc:
+                outcome.error = (
+                    outcome.error or f"committing the last rows failed: {type(exc).__name__}: {exc}"
+                )
+                log.exception("[run] committing the last rows failed")
+        outcome.signal = outcome.signal or guard.pending
     progress.update(force=True)
     return outcome

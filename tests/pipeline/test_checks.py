@@ -173,3 +173,24 @@ def test_a_video_whose_decode_task_keeps_dying_is_an_error_row_and_the_others_ar
     assert rows["a"]["status"] == rows["b"]["status"] == "ok"  # the batch's other videos keep their rows
     assert rows["poison"]["status"] == "error" and "failed after its retries" in rows["poison"]["error"]
     assert summary["status"] == "ok" and summary["rows_error"] == 1
+
+
+def test_a_signal_inside_a_critical_section_waits_for_its_end() -> None:
+    """A block is written and counted together: the signal is raised after the section, not inside."""
+    from pipeline.errors import RunInterrupted, SignalGuard
+
+    done = []
+    with SignalGuard() as guard:
+        with pytest.raises(RunInterrupted, match="SIGTERM"), guard.critical():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now, and must not have raised here
+            done.append("written and counted")
+        assert done == ["written and counted"]
+        with pytest.raises(RunInterrupted, match="SIGINT"):  # outside a section: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        with guard.critical(raise_pending=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert guard.pending == "SIGTERM"  # remembered for the summary, not raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
