@@ -61,14 +61,14 @@ def test_exactly_one_of_many_racing_runs_gets_the_lease(output: str) -> None:
 
 
 def test_a_renewed_lease_outlives_its_ttl_and_a_killed_holders_expires(output: str) -> None:
-    holder = _lease(output, "holder", ttl=1.0)
+    holder = _lease(output, "holder", ttl=2.0)  # renewed every 0.67 s
     holder.acquire()
-    time.sleep(1.6)  # past the first expiry: renewed in the background, still held
+    time.sleep(3.0)  # past the first expiry: renewed in the background, still held
     with pytest.raises(PipelineError, match="in use by run holder"):
         _lease(output, "early").acquire()
     holder._stop.set()  # the holder is killed: nobody renews any more
     holder._renewer.join()
-    time.sleep(1.2)
+    time.sleep(2.2)  # past the last renewal's expiry
     with _lease(output, "successor") as successor:
         assert not successor.lost()
         assert holder._renew() is False  # the old holder would learn it lost the lease
