@@ -152,3 +152,31 @@ def test_steady_rate_speedup_batches_budget_warning_and_eta() -> None:
     assert summary["rows_budget_covers_prompt"] == 3  # prompts of 150 tokens within the budget of 200
     line = accounting.progress_line(recent_rate=0.5)
     assert "4/6 (67%" in line and "0.50 rows/s" in line and "ETA 4s" in line
+
+
+def test_a_failed_part_write_is_retried_and_a_lasting_failure_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline import sink as sink_module
+
+    monkeypatch.setattr(sink_module, "COMMIT_BACKOFF", 0.0)
+    real_pipe = LocalFileSystem.pipe_file
+    calls = {"n": 0, "fail": 1}
+
+    def flaky(self, path, value, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= calls["fail"]:
+            raise OSError(5, "Input/output error", path)  # a transient storage fault
+        return real_pipe(self, path, value, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", flaky)
+    sink = ParquetSink(str(tmp_path / "out"), StorageOptions(), run_id="r", rows_per_file=1)
+    sink.write(to_table([_row(0)]))  # the first attempt fails, the second commits
+    assert calls["n"] == 2 and read_rows(str(tmp_path / "out"), StorageOptions()).num_rows == 1
+    calls.update(n=0, fail=10)
+    with pytest.raises(OSError, match="Input/output error"):
+        sink.write(to_table([_row(1)]))  # every attempt fails: the run's caller reports it
+    assert calls["n"] == sink_module.COMMIT_ATTEMPTS
+    assert read_rows(str(tmp_path / "out"), StorageOptions()).num_rows == 1  # what was committed stays
