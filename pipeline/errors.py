@@ -18,8 +18,10 @@ class PipelineError(RuntimeError):
     """A run-level fault, raised before work starts, with a message that says what to fix."""
 
 
-class RunInterrupted(Exception):
-    """The job received ``signal_name`` (``"SIGTERM"``; SIGINT arrives as ``KeyboardInterrupt``)."""
+class RunInterrupted(BaseException):
+    """The job received ``signal_name`` (``"SIGINT"`` or ``"SIGTERM"``). A ``BaseException``, like
+    ``KeyboardInterrupt``, so that no library's ``except Exception`` (Ray Data's iterator has some)
+    swallows it and lets the run go on."""
 
     def __init__(self, signal_name: str) -> None:
         super().__init__(f"interrupted by {signal_name}")
