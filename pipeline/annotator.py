@@ -112,11 +112,15 @@ class Annotator:
         if self.settings.share_prefill and len(videos) < len(work):
             return self._run_shared(videos, compare)
         inputs = self.inputs(work)
-        result, seconds = self._generate(lambda decoder, **kw: decoder.generate(**inputs, **kw), self.decoder)
+
+        def padded(decoder: object, **kwargs: object) -> object:
+            return decoder.generate(**inputs, **kwargs)
+
+        result, seconds = self._generate(padded, self.decoder)
         prompt_tokens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         rows = self._rows(work, result, seconds, inputs["input_ids"].shape[1], prompt_tokens, shared=False)
         if compare:
-            dense, dense_seconds = self._generate(lambda d, **kw: d.generate(**inputs, **kw), self.dense)
+            dense, dense_seconds = self._generate(padded, self.dense)
             greedy = self.settings.temperature == 0
             divergences = (
                 _divergences(self.model, inputs, result.sequences, dense.sequences) if greedy else None
