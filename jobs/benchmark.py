@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m jobs.benchmark decoder ...`` and ``python -m jobs.benchmark pipeline ...``.
+"""Benchmarks: ``python -m jobs.benchmark decoder|pipeline|planning ...``.
 
     python -m jobs.benchmark decoder --preset kv-bound --visual-tokens 1024 4096 --batch 1 8
     python -m jobs.benchmark decoder --preset kv-bound --sweep --out bench-out      # 1k/4k/16k x 1/4/8
@@ -6,6 +6,7 @@
         --costs-from bench-out/decoder-kv-bound-cpu.csv                             # measured acceptance
     python -m jobs.benchmark decoder --preset qwen2-vl-7b --visual-tokens 16384 65536 --batch 1 8  # GPU
     python -m jobs.benchmark pipeline --videos 16 --num-frames 32
+    python -m jobs.benchmark planning --items 1000000 --limit 4                     # the driver at scale
 
 The flags of each subcommand are the fields of its config (``DecoderBenchConfig``,
 ``PipelineBenchConfig``). The last stdout line is one JSON object (the records, or the pipeline
@@ -22,13 +23,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 
 from jobs._cli import build_command_parser, config_from_args, run_main  # noqa: E402
 from pipeline.bench.pipeline_bench import PipelineBenchConfig, run_pipeline_benchmark  # noqa: E402
+from pipeline.bench.planning import PlanningBenchConfig, run_planning_benchmark  # noqa: E402
 from pipeline.bench.runner import DecoderBenchConfig, run_decoder_benchmark  # noqa: E402
 
 COMMANDS = {  # subcommand: (its config, its help)
     "decoder": (DecoderBenchConfig, "StD against dense and plain generate, side by side"),
     "pipeline": (PipelineBenchConfig, "decode stage, annotate stage and end-to-end throughput"),
+    "planning": (PlanningBenchConfig, "the driver's planning time and memory on large inputs"),
 }
-RUNS = {"decoder": run_decoder_benchmark, "pipeline": run_pipeline_benchmark}
+RUNS = {
+    "decoder": run_decoder_benchmark,
+    "pipeline": run_pipeline_benchmark,
+    "planning": run_planning_benchmark,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

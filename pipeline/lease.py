@@ -79,6 +79,7 @@ class OutputLease:
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._created: list[str] = []  # local folders acquire made, innermost first
 
     # ------------------------------------------------------------------------------------ acquire
     def __enter__(self) -> OutputLease:
@@ -91,6 +92,10 @@ class OutputLease:
     def acquire(self) -> None:
         """Take the lease, or raise PipelineError naming its holder (unless ``wait``: then poll)."""
         if not self.object_store:
+            folder = self.path.rsplit("/", 1)[0]
+            while not self.fs.exists(folder):  # the folders this run creates: removed again if left empty
+                self._created.append(folder)
+                folder = folder.rsplit("/", 1)[0]
             self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         waited = False
         while True:
@@ -128,6 +133,11 @@ class OutputLease:
         holder, _ = self._read()
         if holder is not None and holder.token == self.record.token:
             self.fs.rm(self.path)
+        for folder in self._created:  # a run that wrote nothing (a bad input, say) leaves nothing behind
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty: the run wrote there
 
     # ------------------------------------------------------------------------------------ storage
     def _fresh(self) -> LeaseRecord:

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.accounting import Progress, RunAccounting
 from pipeline.checks import check_resources, check_run_id, check_writable
@@ -34,8 +36,8 @@ from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
 from pipeline.schema import STATUS_ERROR, to_table
-from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
-from pipeline.sources import Item, expand_items, read_records, video_rows
+from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_id_array, part_files, remove_outputs, write_json
+from pipeline.sources import ITEM_SCHEMA, items_from_table, iter_items, iter_records, video_rows
 from pipeline.storage import StorageOptions, check_reachable, is_object_store, join, redact
 
 log = logging.getLogger(__name__)
@@ -59,25 +61,34 @@ def decode_task_memory(sampling: FrameSampling, videos_per_task: int) -> int:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A checked run's inputs: everything about the run as a whole holds (see ``pipeline.checks``)."""
+    """A checked run's inputs: everything about the run as a whole holds (see ``pipeline.checks``); the
+    input itself is read by :func:`plan_run`."""
 
     input: str
-    items: list[Item]  # every item the input defines
     storage: StorageOptions
     run_id: str
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will do, decided in the driver before any model loads."""
+    """What a run will do, decided in the driver before any model loads. It holds the items this run
+    processes (resume and --limit applied) and counts the rest: planning reads the input in chunks, so
+    the driver's memory follows the work of this run, not the size of the input or of the output."""
 
     input: str
-    items: list[Item]  # every item the input defines
-    pending: list[Item]  # the items this run processes (resume and --limit applied)
     storage: StorageOptions
     run_id: str
+    pending: pa.Table = field(default_factory=ITEM_SCHEMA.empty_table)  # ITEM_SCHEMA rows to run, in order
+    total: int = 0  # items the input defines
     done: int = 0  # items that already have an ok row in the output
     deferred: int = 0  # items left for a later run by --limit
+
+    @property
+    def to_run(self) -> int:
+        return self.pending.num_rows
+
+    def videos(self) -> int:
+        return len(video_starts(self.pending)) - 1
 
 
 def new_run_id() -> str:
@@ -85,7 +96,7 @@ def new_run_id() -> str:
 
 
 def check_inputs(config: PipelineConfig) -> Inputs:
-    """Check the run id, storage, output, model and input, and read the items. Raises PipelineError.
+    """Check the run id, storage, output, model and that the input is there. Raises PipelineError.
     Writes nothing (the output's probe object is removed again)."""
     storage = config.storage_options()
     run_id = config.run_id or new_run_id()
@@ -97,29 +108,47 @@ def check_inputs(config: PipelineConfig) -> Inputs:
     if config.model and is_object_store(config.model):
         check_reachable(config.model, storage, "--model")
     check_model(config.model, storage)
-    items = expand_items(read_records(input_uri, storage), config.task, config.prompt)
-    return Inputs(input_uri, items, storage, run_id)
+    return Inputs(input_uri, storage, run_id)
 
 
 def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
-    """Check the run (unless ``inputs`` were checked already), then apply ``--if-exists`` and ``--limit``
-    to the output's rows: the resume set is read here, so a run holds the output's lease before this."""
+    """Read the input (checked as a whole: ids, formats, questions) and the output's rows, and apply
+    ``--if-exists`` and ``--limit``. A run holds the output's lease before this: the resume set is read
+    here. Raises PipelineError."""
     inputs = inputs or check_inputs(config)
-    storage, items, run_id = inputs.storage, inputs.items, inputs.run_id
-    done = _existing_ok_ids(config, storage)
-    pending = [item for item in items if item.id not in done]
-    deferred = 0
-    if config.limit is not None:
-        pending, deferred = pending[: config.limit], max(0, len(pending) - config.limit)
+    storage, run_id = inputs.storage, inputs.run_id
+    done_ids = _existing_ok_ids(config, storage)
+    room = math.inf if config.limit is None else config.limit
+    pending: list[pa.Table] = []
+    total = done = deferred = 0
+    columns = ("id", "video_uri", "caption") if config.task == "caption" else None
+    for items in iter_items(iter_records(inputs.input, storage, columns), config.task, config.prompt):
+        total += items.num_rows
+        if len(done_ids):
+            is_done = pc.is_in(items.column("id"), value_set=done_ids)
+            done += pc.sum(is_done).as_py() or 0
+            items = items.filter(pc.invert(is_done))
+        taken = min(items.num_rows, room)
+        if taken:
+            pending.append(items.slice(0, taken))
+            room -= taken
+        deferred += items.num_rows - taken
+    plan = Plan(inputs.input, storage, run_id, _concat(pending), total, done, deferred)
     log.info(
         "[plan] %d items from %s; %d done, %d deferred by --limit; %d to run",
-        len(items), redact(inputs.input), len(items) - len(pending) - deferred, deferred, len(pending),
+        total, redact(inputs.input), done, deferred, plan.to_run,
     )  # fmt: skip
     if part_files(config.output, storage, run_id):
         raise PipelineError(
             f"output {config.output} already holds files of run {run_id}: pass a new --run-id"
         )
-    return Plan(inputs.input, items, pending, storage, run_id, len(items) - len(pending) - deferred, deferred)
+    return plan
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if not tables:
+        return ITEM_SCHEMA.empty_table()
+    return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
 
 
 def _sample_input(config: PipelineConfig) -> str:
@@ -133,10 +162,10 @@ def _sample_input(config: PipelineConfig) -> str:
     return str(manifest)
 
 
-def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> set[str]:
+def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> pa.Array:
     files = part_files(config.output, storage)
     if not files:
-        return set()
+        return pa.array([], pa.string())
     if config.if_exists == "fail":
         raise PipelineError(
             f"output {config.output} already holds {len(files)} Parquet part files. Pass --if-exists resume "
@@ -145,8 +174,8 @@ def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> set[str
     if config.if_exists == "overwrite":
         removed = remove_outputs(config.output, storage)
         log.info("[plan] --if-exists overwrite: removed %d part files", removed)
-        return set()
-    return ok_ids(config.output, storage)
+        return pa.array([], pa.string())
+    return ok_id_array(config.output, storage)
 
 
 def gpus_per_actor(config: PipelineConfig) -> float:
@@ -192,14 +221,22 @@ def build_dataset(
     if annotator_cls is None:
         from pipeline.annotator import Annotator as annotator_cls
 
-    rows = video_rows(plan.pending)
     sampling = config.frame_sampling(pixel_limit(config.model, plan.storage))
     # One video per block and per decode task (up to MAX_BLOCKS blocks): a decode task that dies (a
     # worker killed for memory, say) costs its own video only. A block whose task still fails after
     # its retries is dropped instead of failing the run; the driver writes an error row for each of
-    # its items (see _stream), so no item is lost.
-    videos_per_task = max(1, math.ceil(len(rows) / MAX_BLOCKS))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_BLOCKS)))
+    # its items (see _stream), so no item is lost. The pending items go to the object store once, and
+    # each read task cuts its own videos' rows from them: the driver builds no row and no block.
+    starts = video_starts(plan.pending)
+    videos = len(starts) - 1
+    videos_per_task = max(1, math.ceil(videos / MAX_BLOCKS))
+    ds = ray.data.range(videos, override_num_blocks=math.ceil(videos / videos_per_task))
+    ds = ds.map_batches(
+        _video_rows,
+        fn_kwargs={"items": ray.put(plan.pending), "starts": ray.put(starts)},
+        batch_size=None,
+        batch_format="numpy",
+    )
     ds.context.max_errored_blocks = -1
     ds = ds.map_batches(
         decode_fn,
@@ -217,6 +254,27 @@ def build_dataset(
         batch_size=config.batch_size,
         batch_format="numpy",
     )
+
+
+def video_starts(items: pa.Table) -> np.ndarray:
+    """Where each video's items start in ``items`` (a video's items are adjacent), and the end."""
+    ids = items.column("video_id")
+    n = len(ids)
+    if n < 2:
+        return np.arange(n + 1, dtype=np.int64)
+    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
+
+
+def _video_rows(batch: dict[str, np.ndarray], items: object, starts: object) -> pa.Table:
+    """Read stage (Ray tasks): the video rows (:func:`pipeline.sources.video_rows`) of the videos whose
+    indices ``batch`` holds, cut from the pending items in the object store."""
+    import ray
+
+    table, bounds = ray.get(items), ray.get(starts)
+    first, last = int(batch["id"][0]), int(batch["id"][-1])
+    lo, hi = int(bounds[first]), int(bounds[last + 1])
+    return pa.Table.from_pylist(video_rows(items_from_table(table.slice(lo, hi - lo))))
 
 
 def init_ray() -> None:
@@ -247,10 +305,10 @@ def _run(
 ) -> dict:
     """Stream the plan's items through the stages into the output; write and return the summary."""
     budget = config.sparse_budget if config.decoder != "dense" else None
-    accounting = RunAccounting(expected_rows=len(plan.pending), sparse_budget=budget)
+    accounting = RunAccounting(expected_rows=plan.to_run, sparse_budget=budget)
     num_gpus = 0.0
     outcome = _Outcome()
-    if plan.pending:
+    if plan.to_run:
         init_ray()
         import ray
 
@@ -272,10 +330,10 @@ def _run(
         "model": model_label(config.model),
         "input": redact(plan.input),
         "output": config.output,
-        "items_total": len(plan.items),
+        "items_total": plan.total,
         "items_skipped": plan.done,  # items that already had an ok row
         "items_deferred": plan.deferred,  # items --limit left for a later run
-        "rows_expected": len(plan.pending),
+        "rows_expected": plan.to_run,
         "files": len(outcome.files),
         "num_actors": config.num_actors,
         "num_gpus_per_actor": num_gpus,
@@ -300,22 +358,23 @@ LOST_ITEM_ERROR = (
 )
 
 
-def lost_item_rows(config: PipelineConfig, plan: Plan, received: set[str]) -> pa.Table:
-    """Error rows for the pending items that no result row came back for (their block was dropped)."""
+def lost_item_rows(config: PipelineConfig, plan: Plan, received: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Error rows for the pending items that no result row came back for (their block was dropped);
+    ``received``: the ids of the rows that came back."""
     now = datetime.now(timezone.utc)
+    lost = plan.pending.filter(pc.invert(pc.is_in(plan.pending.column("id"), value_set=received)))
     rows = [
         {"id": item.id, "video_id": item.video_id, "video_uri": item.video_uri, "task": item.task,
          "question": item.question, "options": item.options or None, "answer": item.answer,
          "status": STATUS_ERROR, "error": LOST_ITEM_ERROR, "decoder": config.decoder,
          "model": model_label(config.model), "run_id": plan.run_id, "created_at": now}
-        for item in plan.pending if item.id not in received
+        for item in items_from_table(lost)
     ]  # fmt: skip
     return to_table(rows)
 
 
 def dry_run_summary(config: PipelineConfig, plan: Plan) -> dict:
     """What ``--dry-run`` prints: the plan, and nothing run (``status`` "planned")."""
-    videos = {item.video_id for item in plan.pending}
     return {
         "status": "planned",
         "dry_run": True,
@@ -323,12 +382,12 @@ def dry_run_summary(config: PipelineConfig, plan: Plan) -> dict:
         "task": config.task,
         "input": redact(plan.input),
         "output": config.output,
-        "items_total": len(plan.items),
+        "items_total": plan.total,
         "items_skipped": plan.done,
         "items_deferred": plan.deferred,
-        "items_to_run": len(plan.pending),
-        "videos_to_run": len(videos),
-        "first_items": [item.id for item in plan.pending[:10]],
+        "items_to_run": plan.to_run,
+        "videos_to_run": plan.videos(),
+        "first_items": plan.pending.column("id").slice(0, 10).to_pylist(),
     }
 
 
@@ -349,10 +408,10 @@ class _Outcome:
 
 
 def _write_lost_items(
-    config: PipelineConfig, plan: Plan, received: set[str], sink: ParquetSink, accounting: RunAccounting
+    config: PipelineConfig, plan: Plan, received: list[pa.Array], sink: ParquetSink, accounting: RunAccounting
 ) -> None:
     """Error rows for the items whose block came back from no task (see :func:`lost_item_rows`)."""
-    lost = lost_item_rows(config, plan, received)
+    lost = lost_item_rows(config, plan, pa.chunked_array(received, type=pa.string()).combine_chunks())
     if lost.num_rows:
         log.warning(
             "[run] %d item(s) got no result (their task failed after retries): error rows", lost.num_rows
@@ -369,7 +428,7 @@ def _stream(
     sink = ParquetSink(config.output, plan.storage, plan.run_id, config.rows_per_file)
     progress = Progress(accounting)
     outcome = _Outcome(files=sink.files)
-    received: set[str] = set()
+    received: list[pa.Array] = []  # the ids of the rows written (Arrow: ~30 bytes a row, not a set)
     with SignalGuard() as guard:
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -378,7 +437,7 @@ def _stream(
                 with guard.critical():  # written and counted together: the summary agrees with the files
                     sink.write(block)
                     accounting.add(block)
-                    received.update(block["id"].to_pylist())
+                    received.append(block.column("id").combine_chunks())
                 progress.update()
             with guard.critical():
                 _write_lost_items(config, plan, received, sink, accounting)

@@ -33,19 +33,35 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 from pipeline.prompts import CAPTION_PROMPT, answer_letter, format_mcq_prompt
-from pipeline.storage import StorageOptions, get_fs, join, permission_denied, protocol_of, redact, unstrip
+from pipeline.storage import (
+    StorageOptions,
+    get_fs,
+    join,
+    permission_denied,
+    protocol_of,
+    redact,
+    redact_array,
+    unstrip,
+)  # fmt: skip
 
 MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json", ".csv")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 JSON_LAYOUTS = "a JSON array of objects, or JSON Lines (one object per line)"
+RECORD_CHUNK = (
+    65_536  # records read, checked and expanded at a time (the planner holds a chunk, not the input)
+)
+ARROW_JSON_BLOCK = 16 << 20  # bytes of JSON Lines that Arrow parses at a time
 
 
 @dataclass(frozen=True)
@@ -69,11 +85,13 @@ class Item:
         return self.source_uri or self.video_uri
 
 
+Chunk = list[dict] | pa.Table  # records read at a time (see iter_records)
+_SHOWN_FIELDS = tuple(f.name for f in fields(Item) if f.name != "source_uri")
+
+
 def items_to_json(items: Iterable[Item]) -> str:
     """The items as JSON, without ``source_uri`` (signatures stay out of everything written)."""
-    return json.dumps(
-        [{k: v for k, v in asdict(item).items() if k != "source_uri"} for item in items], ensure_ascii=False
-    )
+    return json.dumps([{k: getattr(item, k) for k in _SHOWN_FIELDS} for item in items], ensure_ascii=False)
 
 
 def items_from_json(text: str) -> list[Item]:
@@ -88,22 +106,86 @@ def is_manifest(uri: str) -> bool:
 
 
 def read_records(uri: str, options: StorageOptions) -> list[dict]:
-    """Records with at least ``video_uri`` (readable) and ``id``, from a manifest or a listing of ``uri``."""
-    records = read_manifest(uri, options) if is_manifest(uri) else list_videos(uri, options)
-    if not records:
+    """Records with at least ``video_uri`` (readable) and ``id``, from a manifest or a listing of ``uri``
+    (all of them: :func:`iter_records` reads them in chunks)."""
+    return [record for chunk in iter_records(uri, options) for record in _dicts(chunk)]
+
+
+def iter_records(
+    uri: str, options: StorageOptions, columns: tuple[str, ...] | None = None
+) -> Iterator[Chunk]:
+    """The input's records in order, in chunks of up to :data:`RECORD_CHUNK`: lists of dicts, or Arrow
+    tables where a Parquet or JSON Lines manifest reads as one (``columns``: the only columns the caller
+    needs, which lets a JSON Lines manifest be parsed by Arrow). Every record has a string ``id`` and a
+    resolved ``video_uri``.
+
+    The run-level checks over the whole input (nothing found, an id twice) raise PipelineError when the
+    last chunk has been read: a caller acts on the records only after reading them all."""
+    ids = _IdCheck()
+    chunks = _manifest_chunks(uri, options, columns) if is_manifest(uri) else _listing_chunks(uri, options)
+    for chunk in chunks:
+        ids.add(chunk)
+        yield chunk
+    if not ids.count:
         raise PipelineError(
             f"no videos found at {redact(uri)}: pass a folder/prefix holding "
             f"{', '.join(VIDEO_SUFFIXES[:4])}... files, a glob, or a manifest with a video_uri column"
         )
+    if ids.repeated():
+        _raise_repeated_id(uri, options, ids.repeated())
+
+
+class _IdCheck:
+    """Are the records' ids unique? Keeps 8 bytes per record (a hash of its id), not the ids: equal
+    hashes are confirmed against the ids themselves by :func:`_raise_repeated_id`, a second read."""
+
+    def __init__(self) -> None:
+        self.hashes: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, chunk: Chunk) -> None:
+        ids = chunk.column("id").to_pylist() if isinstance(chunk, pa.Table) else [r["id"] for r in chunk]
+        self.hashes.append(np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids)))
+        self.count += len(ids)
+
+    def repeated(self) -> set[int]:
+        """The hashes seen more than once (almost always: an id given twice)."""
+        if not self.hashes:
+            return set()
+        hashes = np.sort(np.concatenate(self.hashes))
+        self.hashes = [hashes]
+        return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+
+
+def _raise_repeated_id(uri: str, options: StorageOptions, hashes: set[int]) -> None:
+    """Read the input again to name the first id that appears twice, and its rows."""
     first: dict[str, int] = {}
-    for n, record in enumerate(records, 1):
-        if record["id"] in first:
-            raise PipelineError(
-                f"input {redact(uri)}: the id {record['id']!r} appears twice (rows {first[record['id']]} and "
-                f"{n}); ids must be unique: give each row its own id"
-            )
-        first[record["id"]] = n
-    return records
+    n = 0
+    chunks = _manifest_chunks(uri, options, None) if is_manifest(uri) else _listing_chunks(uri, options)
+    for chunk in chunks:
+        for record in _dicts(chunk):
+            n += 1
+            if hash(record["id"]) not in hashes:
+                continue
+            if record["id"] in first:
+                raise PipelineError(
+                    f"input {redact(uri)}: the id {record['id']!r} appears twice (rows {first[record['id']]} "
+                    f"and {n}); ids must be unique: give each row its own id"
+                )
+            first[record["id"]] = n
+
+
+def _dicts(chunk: Chunk) -> list[dict]:
+    return chunk.to_pylist() if isinstance(chunk, pa.Table) else chunk
+
+
+def _in_chunks(rows: list[dict]) -> Iterator[list[dict]]:
+    for start in range(0, len(rows), RECORD_CHUNK):
+        yield rows[start : start + RECORD_CHUNK]
+
+
+def _listing_chunks(uri: str, options: StorageOptions) -> Iterator[list[dict]]:
+    yield from _in_chunks(list_videos(uri, options))
 
 
 def list_videos(uri: str, options: StorageOptions) -> list[dict]:
@@ -145,30 +227,182 @@ def unique_ids(relative_paths: list[str]) -> list[str]:
 
 def read_manifest(uri: str, options: StorageOptions) -> list[dict]:
     """The manifest's rows; relative ``video_uri`` values are resolved against the manifest's folder."""
+    return [record for chunk in _manifest_chunks(uri, options, None) for record in _dicts(chunk)]
+
+
+def _manifest_chunks(uri: str, options: StorageOptions, columns: tuple[str, ...] | None) -> Iterator[Chunk]:
+    """The manifest's rows in chunks, ids set and video URIs resolved (see :func:`iter_records`).
+
+    Parquet is read a row group batch at a time; JSON Lines, where ``columns`` are given, by Arrow's
+    streaming JSON reader (anything it cannot type as strings, a byte-order mark say, is read again by the
+    line parser from where Arrow stopped); JSON arrays and CSV are parsed whole."""
     fs, path = get_fs(uri, options)
     shown = redact(uri)
+    local = protocol_of(uri) == "file"
+    folder = os.path.dirname(path) if local else shown.rsplit("/", 1)[0]
+    count = 0
     try:
         if _kind(fs, path) is None:
             raise PipelineError(f"manifest {shown} does not exist: check the path or URI")
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        for chunk in _raw_manifest_chunks(fs, path, shown, columns):
+            if isinstance(chunk, pa.Table) and not _arrow_normalizable(chunk):
+                chunk = chunk.to_pylist()
+            if isinstance(chunk, pa.Table):
+                chunk = _normalize_table(chunk, folder, local, count)
+            else:
+                _check_has_video_uri(shown, chunk)
+                _normalize_rows(chunk, folder, local, count)
+            count += len(chunk) if isinstance(chunk, list) else chunk.num_rows
+            if count:
+                yield chunk
     except PermissionError as exc:
         raise permission_denied(uri, exc, "read") from exc
-    rows = parse_manifest(shown, data)
-    if not rows:
+    if not count:
         raise PipelineError(f"manifest {shown} has no rows: write one row per video, with its video_uri")
-    columns = set().union(*(r.keys() for r in rows))
-    if "video_uri" not in columns:
-        raise PipelineError(
-            f"manifest {shown} has no 'video_uri' column (columns: {', '.join(sorted(columns)) or 'none'}). "
-            "Add a video_uri column with one video path or URI per row."
+
+
+def _raw_manifest_chunks(
+    fs: object, path: str, name: str, columns: tuple[str, ...] | None
+) -> Iterator[Chunk]:
+    lower = name.lower()
+    if lower.endswith(".parquet"):
+        yield from _parquet_chunks(fs, path, name)
+    elif not lower.endswith(".csv") and _json_lines(fs, path):
+        yield from (
+            _arrow_json_chunks(fs, path, name, columns) if columns else _json_line_chunks(fs, path, name)
         )
-    local = protocol_of(uri) == "file"
-    folder = os.path.dirname(path) if local else shown.rsplit("/", 1)[0]
-    for i, row in enumerate(rows):
+    else:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        yield from _in_chunks(parse_manifest(name, data))
+
+
+def _json_lines(fs: object, path: str) -> bool:
+    """Does the file's first non-space character (after a byte-order mark) open an object?"""
+    with fs.open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        while head and not head.strip():
+            head = f.read(1 << 16)
+    return head.lstrip()[:1] == b"{"
+
+
+def _json_line_chunks(fs: object, path: str, name: str, skip: int = 0) -> Iterator[list[dict]]:
+    """JSON Lines read a line at a time (the first ``skip`` objects left out)."""
+    rows: list[dict] = []
+    offset = 0
+    with fs.open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):  # every line counts, blank ones too
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise PipelineError(
+                    f"manifest {name} is not UTF-8 text (byte {offset + exc.start}): save it as UTF-8"
+                ) from exc
+            offset += len(raw)
+            if not line.strip():
+                continue
+            row = _json_line(name, line, line_number)
+            if skip:
+                skip -= 1
+                continue
+            rows.append(row)
+            if len(rows) == RECORD_CHUNK:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
+
+
+def _parquet_chunks(fs: object, path: str, name: str) -> Iterator[pa.Table]:
+    try:
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=RECORD_CHUNK):
+                yield pa.Table.from_batches([batch])
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise PipelineError(f"manifest {name}: not a readable Parquet file ({exc})") from exc
+
+
+def _arrow_json_chunks(fs: object, path: str, name: str, columns: tuple[str, ...]) -> Iterator[Chunk]:
+    """JSON Lines through Arrow, reading only ``columns`` as strings; where Arrow refuses a line (another
+    type, a byte-order mark, a line that is not JSON), the rest is read by :func:`parse_manifest`, which
+    also names the faulty line."""
+    schema = pa.schema([(c, pa.string()) for c in columns])
+    parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    done = 0
+    try:
+        with fs.open(path, "rb") as f:
+            reader = pa_json.open_json(
+                f, read_options=pa_json.ReadOptions(block_size=ARROW_JSON_BLOCK), parse_options=parse
+            )
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                if table.column("video_uri").null_count:  # Arrow's null and the line parser's "" differ
+                    break
+                for start in range(0, table.num_rows, RECORD_CHUNK):
+                    piece = table.slice(start, RECORD_CHUNK)
+                    yield piece
+                    done += piece.num_rows
+            else:
+                return
+    except pa.ArrowException:
+        pass
+    yield from _json_line_chunks(fs, path, name, skip=done)
+
+
+def _arrow_normalizable(table: pa.Table) -> bool:
+    """Arrow columns whose values the vectorised path turns into exactly what the row path would."""
+    names = table.column_names
+    if "video_uri" not in names or not pa.types.is_string(table.schema.field("video_uri").type):
+        return False
+    if table.column("video_uri").null_count:
+        return False
+    return "id" not in names or _stringy(table.schema.field("id").type)
+
+
+def _stringy(kind: pa.DataType) -> bool:
+    """Types whose Arrow cast to string is Python's ``str`` of the value."""
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+
+
+def _normalize_table(table: pa.Table, folder: str, local: bool, offset: int) -> pa.Table:
+    """:func:`_normalize_rows` on Arrow columns: strip and resolve ``video_uri``, default the ``id``."""
+    video = pc.utf8_trim_whitespace(table.column("video_uri"))
+    relative = pc.invert(pc.or_(pc.match_substring(video, "://"), pc.starts_with(video, "/")))
+    relative = pc.and_(relative, pc.not_equal(video, ""))
+    if pc.any(relative).as_py():
+        values = video.to_pylist()
+        flags = relative.to_pylist()
+        video = pa.chunked_array(
+            [[_resolve(v, folder, local) if f else v for v, f in zip(values, flags, strict=True)]]
+        )
+    ids = table.column("id").cast(pa.string()) if "id" in table.column_names else None
+    missing = pc.fill_null(pc.equal(ids, ""), True) if ids is not None else None
+    if ids is None or pc.any(missing).as_py():
+        shown = redact_array(video).to_pylist()
+        given = ids.to_pylist() if ids is not None else [None] * len(shown)
+        ids = pa.chunked_array([[
+            i if i not in (None, "") else (s or f"row{offset + n}") for n, (i, s) in enumerate(zip(given, shown, strict=True))
+        ]], type=pa.string())  # fmt: skip
+    table = table.drop_columns([c for c in ("id", "video_uri") if c in table.column_names])
+    return table.append_column("id", ids).append_column("video_uri", video)
+
+
+def _check_has_video_uri(name: str, rows: list[dict]) -> None:
+    if not rows or any("video_uri" in r for r in rows):
+        return
+    columns = set().union(*(r.keys() for r in rows))
+    raise PipelineError(
+        f"manifest {name} has no 'video_uri' column (columns: {', '.join(sorted(columns)) or 'none'}). "
+        "Add a video_uri column with one video path or URI per row."
+    )
+
+
+def _normalize_rows(rows: list[dict], folder: str, local: bool, offset: int) -> None:
+    for i, row in enumerate(rows, offset):
         row["video_uri"] = video = _resolve(str(row.get("video_uri") or "").strip(), folder, local)
         row["id"] = str(row["id"]) if row.get("id") not in (None, "") else (redact(video) or f"row{i}")
-    return rows
 
 
 def parse_manifest(name: str, data: bytes) -> list[dict]:
@@ -222,24 +456,24 @@ def _parse_json(name: str, text: str) -> list[dict]:
     if start != "{":
         found = f"it starts with {start!r}" if start else "it is empty"
         raise PipelineError(f"manifest {name}: expected {JSON_LAYOUTS}, but {found}")
-    rows = []
-    for line_number, line in enumerate(text.split("\n"), 1):  # every line counts, blank ones too
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(
-                f"manifest {name}, line {line_number}: not valid JSON ({exc.msg}, column {exc.colno}); "
-                "JSON Lines hold one object per line"
-            ) from exc
-        if not isinstance(row, dict):
-            raise PipelineError(
-                f"manifest {name}, line {line_number}: {_json_type(row)}, not an object; "
-                "JSON Lines hold one object per line"
-            )
-        rows.append(row)
-    return rows
+    lines = enumerate(text.split("\n"), 1)  # every line counts, blank ones too
+    return [_json_line(name, line, n) for n, line in lines if line.strip()]
+
+
+def _json_line(name: str, line: str, line_number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(
+            f"manifest {name}, line {line_number}: not valid JSON ({exc.msg}, column {exc.colno}); "
+            "JSON Lines hold one object per line"
+        ) from exc
+    if not isinstance(row, dict):
+        raise PipelineError(
+            f"manifest {name}, line {line_number}: {_json_type(row)}, not an object; "
+            "JSON Lines hold one object per line"
+        )
+    return row
 
 
 def _json_type(value: object) -> str:
@@ -281,12 +515,98 @@ def _stem(relative: str) -> str:
 
 def expand_items(records: Iterable[dict], task: str, prompt: str | None = None) -> list[Item]:
     """One item per video for ``caption``, one per question for ``qa`` and ``mcq``."""
-    records = list(records)
-    if task in ("qa", "mcq") and not any(r.get("question") or r.get("questions") for r in records):
+    return [item for table in iter_items([list(records)], task, prompt) for item in items_from_table(table)]
+
+
+def iter_items(chunks: Iterable[Chunk], task: str, prompt: str | None = None) -> Iterator[pa.Table]:
+    """The items of each chunk of records (:func:`iter_records`), as tables of :data:`ITEM_SCHEMA`.
+
+    Captions of an Arrow chunk are built column-wise; other chunks go row by row. For ``qa`` and ``mcq``,
+    an input in which no record has a question raises PipelineError after its last chunk."""
+    asked = False
+    for chunk in chunks:
+        if task == "caption" and isinstance(chunk, pa.Table) and _caption_columns_fit(chunk):
+            yield _caption_items(chunk, prompt or CAPTION_PROMPT)
+            continue
+        rows = _dicts(chunk)
+        asked = asked or task == "caption" or any(r.get("question") or r.get("questions") for r in rows)
+        yield items_table(_expand_rows(rows, task, prompt))
+    if task in ("qa", "mcq") and not asked:
         raise PipelineError(
             f"task {task} needs questions: use a manifest with a 'question' or 'questions' column "
             "(or --task caption)"
         )
+
+
+# Item fields as Arrow columns; task and prompt repeat (one prompt per caption run), so they are
+# dictionary-encoded: a million caption items hold the prompt once.
+_TEXT = pa.string()
+_REPEATED = pa.dictionary(pa.int32(), pa.string())
+ITEM_SCHEMA = pa.schema(
+    [("id", _TEXT), ("video_id", _TEXT), ("video_uri", _TEXT), ("task", _REPEATED), ("prompt", _REPEATED),
+     ("question", _TEXT), ("options", pa.list_(_TEXT)), ("answer", _TEXT), ("error", _TEXT),
+     ("source_uri", _TEXT)]
+)  # fmt: skip
+
+
+def items_table(items: Iterable[Item]) -> pa.Table:
+    """Items as a table of :data:`ITEM_SCHEMA` (no options: null)."""
+    items = list(items)
+    columns = {name: [getattr(item, name) for item in items] for name in ITEM_SCHEMA.names}
+    columns["options"] = [options or None for options in columns["options"]]
+    return pa.table(
+        {
+            name: pa.array(values, type=_TEXT).dictionary_encode()
+            if ITEM_SCHEMA.field(name).type == _REPEATED
+            else pa.array(values, type=ITEM_SCHEMA.field(name).type)
+            for name, values in columns.items()
+        },
+        schema=ITEM_SCHEMA,
+    )
+
+
+def items_from_table(table: pa.Table) -> list[Item]:
+    names = [f.name for f in fields(Item)]
+    return [Item(**{**row, "options": row["options"] or []}) for row in table.select(names).to_pylist()]
+
+
+def _caption_columns_fit(table: pa.Table) -> bool:
+    return "caption" not in table.column_names or _stringy(table.schema.field("caption").type)
+
+
+def _caption_items(records: pa.Table, prompt: str) -> pa.Table:
+    """:func:`_expand_rows` for captions, column-wise."""
+    n = records.num_rows
+    video = records.column("video_uri")
+    shown = redact_array(video)
+    signed = pc.not_equal(shown, video)
+    reference = records.column("caption").cast(_TEXT) if "caption" in records.column_names else None
+    answer = (
+        pc.if_else(pc.equal(reference, ""), None, reference) if reference is not None else pa.nulls(n, _TEXT)
+    )
+    nothing = pa.nulls(n, _TEXT)
+    return pa.table(
+        {
+            "id": pc.binary_join_element_wise(records.column("id"), ":caption", ""),
+            "video_id": records.column("id"),
+            "video_uri": shown,
+            "task": _constant("caption", n),
+            "prompt": _constant(prompt, n),
+            "question": nothing,
+            "options": pa.nulls(n, pa.list_(_TEXT)),
+            "answer": answer,
+            "error": nothing,
+            "source_uri": pc.if_else(signed, video, None),
+        },
+        schema=ITEM_SCHEMA,
+    )
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+
+
+def _expand_rows(records: list[dict], task: str, prompt: str | None) -> list[Item]:
     items: list[Item] = []
     for record in records:
         shown = redact(record["video_uri"])
@@ -321,21 +641,22 @@ def _question_item(item_id: str, task: str, q: dict, video: dict) -> Item:
     raw = q.get("answer")
     raw = int(raw) if isinstance(raw, float) and raw.is_integer() else raw  # 1.0: a Parquet int with nulls
     answer = None if raw in (None, "") else str(raw)
-    base = Item(id=item_id, task=task, question=question, answer=answer, **video)
+    fields = {"id": item_id, "task": task, "question": question, "answer": answer, **video}
     try:
-        base = _with(base, options=[str(o) for o in _as_list(q.get("options"), "options")])
+        options = [str(o) for o in _as_list(q.get("options"), "options")]
     except ValueError as exc:
-        return _with(base, error=str(exc))
+        return Item(**fields, error=str(exc))
     if not question:
-        return _with(base, error="empty question")
+        return Item(**fields, options=options, error="empty question")
     if task == "qa":
-        return _with(base, prompt=question)
+        return Item(**fields, options=options, prompt=question)
     try:
-        prompt = format_mcq_prompt(question, base.options)
+        prompt = format_mcq_prompt(question, options)
     except ValueError as exc:
-        return _with(base, error=str(exc))
-    letter = answer_letter(answer, base.options) if answer is not None else None
-    return _with(base, prompt=prompt, answer=letter if letter is not None else answer)
+        return Item(**fields, options=options, error=str(exc))
+    letter = answer_letter(answer, options) if answer is not None else None
+    fields["answer"] = letter if letter is not None else answer
+    return Item(**fields, options=options, prompt=prompt)
 
 
 def _questions(record: dict, task: str) -> list[dict]:
@@ -380,10 +701,6 @@ def _as_list(value: object, what: str) -> list:
                 ) from exc
         return [part.strip() for part in text.split("|")] if "|" in text else [text]
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _with(item: Item, **changes: object) -> Item:
-    return Item(**{**asdict(item), **changes})
 
 
 # --- items → rows for Ray --------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from pipeline.errors import PipelineError
@@ -68,6 +70,14 @@ def redact(uri: str) -> str:
     if protocol_of(uri) not in ("http", "https"):
         return uri
     return uri.split("?", 1)[0].split("#", 1)[0]
+
+
+def redact_array(uris: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """:func:`redact` of each string, computed column-wise."""
+    return pc.replace_substring_regex(uris, _URL_QUERY, r"\1")
+
+
+_URL_QUERY = r"(?is)^(https?://[^?#]*)[?#].*$"
 
 
 def join(base: str, *names: str) -> str:

@@ -37,7 +37,7 @@ from pipeline.demo.world import write_sample_dataset
 from pipeline.frames import FrameDecoder, FrameSampling
 from pipeline.models import pixel_limit
 from pipeline.run import annotator_settings, plan_run, run_pipeline
-from pipeline.sources import video_rows
+from pipeline.sources import items_from_table, video_rows
 from std_core.stats import RowStats, acceptance_rate, tokens_per_second
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _run(config: PipelineBenchConfig) -> dict:
     )
     pipeline_config = config.pipeline_config(manifest, out / "stages")
     plan = plan_run(pipeline_config)
-    batches = _batches(video_rows(plan.pending), config.batch_size)
+    batches = _batches(video_rows(items_from_table(plan.pending)), config.batch_size)
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
     log.info("[pipeline] decode stage: %.2f videos/s per core", decode["decode_videos_per_s_per_core"] or 0.0)
     annotate = annotate_stage(pipeline_config, plan, decoded)

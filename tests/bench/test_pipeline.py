@@ -24,7 +24,7 @@ from pipeline.bench.pipeline_bench import (
 )
 from pipeline.demo.world import write_sample_dataset
 from pipeline.run import plan_run
-from pipeline.sources import video_rows
+from pipeline.sources import items_from_table, video_rows
 
 
 def test_idle_fraction_counts_gaps_between_ready_and_the_last_batch() -> None:
@@ -51,7 +51,7 @@ def test_stages_alone_process_every_video(model_dir: Path, tmp_path: Path) -> No
     manifest = write_sample_dataset(tmp_path / "videos", num_clips=3)
     pipeline_config = config.pipeline_config(manifest, tmp_path / "out")
     plan = plan_run(pipeline_config)
-    batches = _batches(video_rows(plan.pending), config.batch_size)
+    batches = _batches(video_rows(items_from_table(plan.pending)), config.batch_size)
     assert [len(b["video_uri"]) for b in batches] == [2, 1]
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
     assert decode["decode_videos"] == 3 and decode["decode_errors"] == 0

@@ -96,6 +96,7 @@ def test_annotate_refuses_a_held_output_and_takes_over_a_stale_lease(
     for name in ("red-left.mp4", "blue-up.mp4"):
         (tmp_path / "clips" / name).write_bytes(clip_bytes[name])
     out = tmp_path / "out"
+    out.mkdir()
     argv = ["--input", str(tmp_path / "clips"), "--output", str(out), "--model", str(model_dir),
             "--max-new-tokens", "4", "--dense-sample", "0"]  # fmt: skip
     with _lease(str(out), "cron-1", ttl=60):
@@ -109,3 +110,13 @@ def test_annotate_refuses_a_held_output_and_takes_over_a_stale_lease(
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows_ok"] == 2 and not (out / LEASE_NAME).exists()  # released at the end
     assert sorted(pq.read_table(out)["id"].to_pylist()) == ["blue-up:caption", "red-left:caption"]
+
+
+def test_a_lease_removes_the_folders_it_created_when_the_run_wrote_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out"
+    with OutputLease(str(out), StorageOptions(), "r1"):
+        assert (out / LEASE_NAME).exists()
+    assert not (tmp_path / "new").exists()  # a run that failed at planning leaves no trace
+    with OutputLease(str(out), StorageOptions(), "r2"):
+        (out / "part-r2-00000.parquet").write_bytes(b"rows")
+    assert (out / "part-r2-00000.parquet").exists() and not (out / LEASE_NAME).exists()

@@ -87,7 +87,7 @@ def test_the_jobs_mcq_parser_reaches_the_actor_settings() -> None:
     from pipeline.run import Plan, annotator_settings
     from pipeline.storage import StorageOptions
 
-    plan = Plan("in", [], [], StorageOptions(), "r")
+    plan = Plan("in", StorageOptions(), "r")
     config = PipelineConfig(mcq_parser="lmms-eval", share_prefill="off")
     settings = annotator_settings(config, plan, 0.0)
     assert settings.mcq_parser == "lmms-eval" and settings.share_prefill is False
