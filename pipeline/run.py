@@ -36,7 +36,7 @@ from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
 from pipeline.schema import STATUS_ERROR, to_table
-from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_id_array, part_files, remove_outputs, write_json
+from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
 from pipeline.sources import ITEM_SCHEMA, items_from_table, iter_items, iter_records, video_rows
 from pipeline.storage import StorageOptions, check_reachable, is_object_store, join, redact
 
@@ -124,8 +124,8 @@ def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
     columns = ("id", "video_uri", "caption") if config.task == "caption" else None
     for items in iter_items(iter_records(inputs.input, storage, columns), config.task, config.prompt):
         total += items.num_rows
-        if len(done_ids):
-            is_done = pc.is_in(items.column("id"), value_set=done_ids)
+        if done_ids:  # a set: one hash table for the whole scan (pc.is_in would build one per chunk)
+            is_done = pa.array([i in done_ids for i in items.column("id").to_pylist()], pa.bool_())
             done += pc.sum(is_done).as_py() or 0
             items = items.filter(pc.invert(is_done))
         taken = min(items.num_rows, room)
@@ -162,10 +162,10 @@ def _sample_input(config: PipelineConfig) -> str:
     return str(manifest)
 
 
-def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> pa.Array:
+def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> set[str]:
     files = part_files(config.output, storage)
     if not files:
-        return pa.array([], pa.string())
+        return set()
     if config.if_exists == "fail":
         raise PipelineError(
             f"output {config.output} already holds {len(files)} Parquet part files. Pass --if-exists resume "
@@ -174,8 +174,8 @@ def _existing_ok_ids(config: PipelineConfig, storage: StorageOptions) -> pa.Arra
     if config.if_exists == "overwrite":
         removed = remove_outputs(config.output, storage)
         log.info("[plan] --if-exists overwrite: removed %d part files", removed)
-        return pa.array([], pa.string())
-    return ok_id_array(config.output, storage)
+        return set()
+    return ok_ids(config.output, storage)
 
 
 def gpus_per_actor(config: PipelineConfig) -> float:

@@ -126,14 +126,12 @@ def read_rows(output: str, storage: StorageOptions, columns: list[str] | None = 
 
 def ok_ids(output: str, storage: StorageOptions) -> set[str]:
     """Ids that already have an ``ok`` row: the work a resumed or scheduled run skips."""
-    return set(ok_id_array(output, storage).to_pylist())
-
-
-def ok_id_array(output: str, storage: StorageOptions) -> pa.Array:
-    """:func:`ok_ids` as one Arrow string array (compact, for ``pyarrow.compute.is_in``)."""
     table = read_rows(output, storage, columns=["id", "status"])
-    ids = table.filter(pc.equal(table["status"], STATUS_OK)).column("id")
-    return ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+    ids: set[str] = set()
+    for chunk in table.filter(pc.equal(table["status"], STATUS_OK)).column("id").chunks:
+        for start in range(0, len(chunk), 65_536):  # no list of every id on the way to the set
+            ids.update(chunk.slice(start, 65_536).to_pylist())
+    return ids
 
 
 def remove_outputs(output: str, storage: StorageOptions) -> int:
