@@ -29,7 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.accounting import Progress, RunAccounting
-from pipeline.checks import check_resources, check_run_id, check_writable
+from pipeline.checks import (
+    check_output_location,
+    check_resources,
+    check_run_id,
+    check_sample_input,
+    check_writable,
+)  # fmt: skip
 from pipeline.config import AnnotatorSettings, PipelineConfig
 from pipeline.errors import PipelineError, RunInterrupted, SignalGuard
 from pipeline.frames import FrameSampling, decode_frames
@@ -98,6 +104,7 @@ def new_run_id() -> str:
 def check_inputs(config: PipelineConfig) -> Inputs:
     """Check the run id, storage, output, model and that the input is there. Raises PipelineError.
     Writes nothing (the output's probe object is removed again)."""
+    check_output_location(config.output, os.environ)
     storage = config.storage_options()
     run_id = config.run_id or new_run_id()
     check_run_id(run_id)
@@ -249,7 +256,17 @@ def build_dataset(
     return ds.map_batches(
         annotator_cls,
         fn_constructor_kwargs={"settings": annotator_settings(config, plan, num_gpus)},
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        # An elastic pool that starts at --num-actors and may shrink to one actor. A fixed pool cannot
+        # give back a CPU: when a node is lost, Ray restarts its actors on the nodes left, and if they
+        # take every CPU there, no video is decoded again and the run hangs. Ray Data shrinks an
+        # elastic pool when its actors idle (as they do once decoding starves), so CPU returns to the
+        # decode tasks, and it grows back only within its share of the cluster, which keeps the decode
+        # stage's reserved CPU (test: tests/pipeline/test_multinode.py). The cost: in a run whose
+        # decoding cannot keep the actors busy, an idle actor is released (and a model loaded again
+        # when the backlog returns), as Ray Data does with any elastic pool.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=config.num_actors, initial_size=config.num_actors
+        ),
         num_gpus=num_gpus,
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -314,6 +331,7 @@ def _run(
 
         num_gpus = gpus_per_actor(config)
         check_resources(ray.cluster_resources(), config.num_actors, num_gpus, config.wait_for_resources)
+        check_sample_input(config.input, ray.cluster_resources(), config.wait_for_resources)
         log.info(
             "[run] %s: %d actor(s) × %g GPU, decoder %s",
             plan.run_id,

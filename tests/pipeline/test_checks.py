@@ -1,6 +1,7 @@
 """Run-level checks before any model loads, and a run that is stopped by a signal.
 
-The checks are called directly (run id, output, cluster resources) and through ``jobs.caption`` on the
+The checks are called directly (run id, output, cluster resources, a job's output location and its
+input on a cluster) and through ``jobs.caption`` on the
 session's local Ray (2 CPUs, 1 logical GPU), where a run that cannot be scheduled must fail at once
 instead of waiting forever. The interrupted run is real: a SIGTERM sent to this process while rows
 stream in stops it, and what was received is committed and readable.
@@ -21,7 +22,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jobs import caption
 from pipeline.annotator import Annotator
-from pipeline.checks import check_resources, check_run_id, check_writable
+from pipeline.checks import (
+    JOB_SUBMISSION_ENV,
+    check_output_location,
+    check_resources,
+    check_run_id,
+    check_sample_input,
+    check_writable,
+    cluster_nodes,
+    under_job_submission,
+)
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.run import run_pipeline
@@ -194,3 +204,52 @@ def test_a_signal_inside_a_critical_section_waits_for_its_end() -> None:
             time.sleep(0.05)
         assert guard.pending == "SIGTERM"  # remembered for the summary, not raised
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# What Ray's job supervisor puts in a submitted driver's environment (besides RAY_ADDRESS).
+SUBMITTED = {JOB_SUBMISSION_ENV: '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}'}
+
+
+def test_the_job_submission_marker_is_the_one_ray_sets_and_ray_job_id_is_stripped() -> None:
+    """Pins the facts the check stands on to the installed Ray: the supervisor sets this variable for the
+    driver it starts, and strips RAY_JOB_ID (an internal flag) from the driver's environment."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    assert JOB_SUBMISSION_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR
+    assert "RAY_JOB_ID" in ray_constants.RAY_INTERNAL_FLAGS
+    assert under_job_submission(SUBMITTED)
+    assert not under_job_submission({"RAY_ADDRESS": "http://head:8265", "RAY_JOB_ID": "01000000"})
+
+
+@pytest.mark.parametrize("output", ["./out", "out", "runs/nightly", "file://out"])
+def test_a_relative_output_under_ray_job_submit_is_refused(output: str) -> None:
+    with pytest.raises(PipelineError, match="relative path.*ray job submit.*absolute path.*s3://"):
+        check_output_location(output, SUBMITTED)
+
+
+@pytest.mark.parametrize("output", ["/srv/out", "~/out", "file:///srv/out", "s3://b/out", "gs://b/out"])
+def test_an_absolute_or_object_store_output_under_ray_job_submit_passes(output: str) -> None:
+    assert check_output_location(output, SUBMITTED) is None
+
+
+def test_a_relative_output_outside_ray_job_submit_is_the_users_own_folder() -> None:
+    assert check_output_location("./out", {"RAY_ADDRESS": "http://head:8265"}) is None
+
+
+ONE_NODE = {"CPU": 8.0, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}
+TWO_NODES = {"CPU": 16.0, "node:10.0.0.1": 1.0, "node:10.0.0.2": 1.0, "node:__internal_head__": 1.0}
+
+
+def test_nodes_are_counted_from_their_node_resources() -> None:
+    assert (cluster_nodes(ONE_NODE), cluster_nodes(TWO_NODES)) == (1, 2)
+    assert cluster_nodes({"node:127.0.0.1": 3.0, "node:__internal_head__": 1.0}) == 3  # one address
+
+
+def test_the_sample_input_runs_on_one_node_only() -> None:
+    assert check_sample_input(None, ONE_NODE) is None  # a laptop, or `ray job submit` to a local head
+    with pytest.raises(PipelineError, match="no --input on a Ray cluster of 2 nodes.*Pass --input"):
+        check_sample_input(None, TWO_NODES)
+    with pytest.raises(PipelineError, match="no --input on a cluster that adds nodes .--wait-for-resources"):
+        check_sample_input(None, ONE_NODE, wait_for_resources=True)
+    assert check_sample_input("s3://bucket/clips/", TWO_NODES, wait_for_resources=True) is None
