@@ -131,8 +131,9 @@ def iter_records(
             f"no videos found at {redact(uri)}: pass a folder/prefix holding "
             f"{', '.join(VIDEO_SUFFIXES[:4])}... files, a glob, or a manifest with a video_uri column"
         )
-    if ids.repeated():
-        _raise_repeated_id(uri, options, ids.repeated())
+    repeated = ids.repeated()
+    if repeated:
+        _raise_repeated_id(uri, options, repeated)
 
 
 class _IdCheck:
@@ -153,7 +154,6 @@ class _IdCheck:
         if not self.hashes:
             return set()
         hashes = np.sort(np.concatenate(self.hashes))
-        self.hashes = [hashes]
         return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
 
 
