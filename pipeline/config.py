@@ -99,7 +99,7 @@ class PipelineConfig:
         ),
     )
     decoder: DecoderMode = flag(
-        "std",
+        "auto",
         (
             '"std" drafts with sparse visual attention and verifies densely (same output, faster on long '
             'videos); "dense" is plain decoding through the same code path (the baseline); "auto" measures '

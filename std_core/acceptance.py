@@ -16,6 +16,13 @@ from __future__ import annotations
 import torch
 
 
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """The greedy token of ``scores [..., V]``: the first maximal index, as ``torch.argmax`` (and
+    ``generate``) picks it; ``max(dim).indices`` returns the same index and is up to twice as fast on CPU
+    at a real vocabulary."""
+    return scores.max(dim=-1).indices
+
+
 def greedy_agreement(drafts: torch.Tensor, dense_tokens: torch.Tensor) -> torch.Tensor:
     """``[B, n]`` bool: draft ``i`` equals the dense argmax at position ``i`` (n = min(γ, m))."""
     n = min(drafts.shape[1], dense_tokens.shape[1])

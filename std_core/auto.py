@@ -1,13 +1,27 @@
 """``mode="auto"``: pick γ per round (0 = plain dense decoding) from measured step costs and acceptance.
 
-The I/O model of a round with γ drafts: it costs ``γ · draft + verify(γ + 1)`` and commits, when each
-draft is accepted independently with probability α, ``E[tokens] = (1 − α^(γ+1)) / (1 − α)`` tokens.
-Dense decoding costs ``dense`` per token. Auto picks the γ with the most tokens per second, γ = 0
-when no γ beats dense. Round costs start from a short calibration on the call's own caches (a few
-forwards that are rolled back) and are then replaced by what rounds of each γ actually took (timed
-between the round's host syncs, so timing adds none); both are kept per model, device, dtype and shape
-bucket. α is the running estimate of the current batch, starting from what earlier batches of the
-same model saw. Whatever it picks, the output is the dense model's (every token is verified).
+The I/O model of a round with γ drafts (:mod:`std_core.costs`): it costs ``γ · draft + verify(γ + 1)``
+and commits, when each draft is accepted independently with probability α,
+``E[tokens] = (1 − α^(γ+1)) / (1 − α)`` tokens. Dense decoding costs ``dense`` per token. Auto picks the γ with the most tokens per second, γ = 0
+when no γ beats dense. Step costs start from a short calibration on the call's own caches (a dense
+step, a draft step and verifies of a few sizes, :func:`verify_sizes`: on a CPU a verify's cost is far
+from flat in its tokens, which is what makes small γ win there) and are then replaced by what the
+rounds themselves measured (:class:`RoundCosts`: the draft and verify phases of every round and its
+wall time between host syncs, so timing adds none), each the median of its recent rounds, so one slow
+round on a shared machine moves nothing; both are kept per model, device, dtype and shape bucket. α
+is the running estimate of the current batch, starting from what earlier batches of the same model
+saw, and it is estimated from the rows that are furthest behind: a batch decodes until its slowest
+row is done, and the pooled acceptance of all rows overstates that row's progress (rows accept
+differently, and the batch waits for the unlucky one), which on short captions made long rounds
+look faster than they are. Whatever it picks, the output is the dense model's (every token is
+verified).
+
+The policy must cost nothing next to a dense step, so that auto never loses where dense wins: it
+re-decides after every drafted round (α moved) but only every ``_REDECIDE_EVERY`` rounds while it
+runs dense (a dense round's time barely moves the rates), and keeps its current γ unless another is
+predicted ``_SWITCH_MARGIN`` faster (two near-equal choices must not alternate: every switch to
+drafting first copies the tokens the sparse cache missed); it leaves dense only for a predicted gain
+of ``_DRAFT_MARGIN``, the size of the model's own error on a CPU.
 
 The decoder sees only a :class:`RoundSchedule`: it asks it for each round's γ and tells it the round's
 outcomes. :class:`FixedSchedule` is ``mode="std"`` (γ every round) and ``mode="dense"`` (γ = 0);
@@ -18,111 +32,42 @@ round timing.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from std_core.costs import (
+    PROBE_EVERY,
+    PROBE_GAMMA,
+    RoundCosts,
+    StepCosts,
+    best_gamma,
+    break_even_alpha,
+    expected_tokens,
+    round_rates,
+    time_forward,
+    time_forwards,
+    verify_sizes,
+)
 from std_core.stats import RowStats
 
-_PROBE_EVERY = 16  # dense rounds between two short StD rounds that re-measure acceptance
-_PROBE_GAMMA = 2
+__all__ = [  # the cost model lives in std_core.costs; its names are auto's vocabulary too
+    "AcceptanceEstimate", "AutoPolicy", "AutoSchedule", "FixedSchedule", "RoundCosts", "RoundSchedule",
+    "StepCosts", "best_gamma", "break_even_alpha", "expected_tokens", "round_rates", "shape_bucket",
+    "time_forward", "time_forwards", "verify_sizes",
+]  # fmt: skip
+
 _PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
-_DEFAULT_ALPHA = 0.6
-_EMA = 0.5  # weight of the newest measured round in a γ's average
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """Seconds per forward of the whole batch: a dense step (1 token), a draft step (1 token, sparse
-    cache), and a verify of q tokens modelled as ``verify_base + verify_per_token · q``."""
-
-    dense_step: float
-    draft_step: float
-    verify_base: float
-    verify_per_token: float
-
-    def verify(self, q: int) -> float:
-        return self.verify_base + self.verify_per_token * q
-
-    def round_seconds(self, gamma: int) -> float:
-        return self.dense_step if gamma == 0 else gamma * self.draft_step + self.verify(gamma + 1)
-
-    def speedup(self, alpha: float, gamma: int) -> float:
-        """Decode speedup over dense of fixed-γ rounds at per-draft acceptance α (the projection)."""
-        return expected_tokens(alpha, gamma) / self.round_seconds(gamma) * self.dense_step
-
-    @classmethod
-    def from_measurements(
-        cls, dense: float, draft: float, verify_1: float, verify_q: float, q: int
-    ) -> StepCosts:
-        per_token = max(0.0, (verify_q - verify_1) / (q - 1)) if q > 1 else 0.0
-        return cls(dense, draft, max(0.0, verify_1 - per_token), per_token)
-
-
-class RoundCostModel(Protocol):
-    def round_seconds(self, gamma: int) -> float: ...
-
-
-@dataclass
-class RoundCosts:
-    """Seconds of a round per γ: the calibration's model, replaced by an average of measured rounds
-    where rounds of that γ ran (unmeasured γ are scaled by how far measurements strayed from the model).
-
-    Shared by the calls on one model and shape bucket, like the probe interval: a workload whose probes
-    keep failing probes ever more rarely, across calls, not only within one."""
-
-    calibrated: StepCosts
-    observed: dict[int, float] = field(default_factory=dict)
-    probe_every: int = _PROBE_EVERY  # dense rounds between probes (doubles after each failed probe)
-    _scale: float | None = field(default=None, init=False, repr=False)  # cached; reset by observe
-
-    def round_seconds(self, gamma: int) -> float:
-        if gamma in self.observed:
-            return self.observed[gamma]
-        model = self.calibrated.round_seconds(gamma)
-        if not self.observed:
-            return model
-        if self._scale is None:  # computed once per round, not once per γ the policy compares
-            self._scale = statistics.median(
-                t / self.calibrated.round_seconds(g) for g, t in self.observed.items()
-            )
-        return model * self._scale
-
-    def observe(self, gamma: int, seconds: float) -> None:
-        old = self.observed.get(gamma)
-        self.observed[gamma] = seconds if old is None else (1 - _EMA) * old + _EMA * seconds
-        self._scale = None
-
-
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Tokens committed by a round of γ drafts (bonus included) at per-draft acceptance α."""
-    if gamma == 0:
-        return 1.0
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-
-
-def best_gamma(costs: RoundCostModel, alpha: float, gamma_max: int) -> int:
-    """The γ in ``0..gamma_max`` with the most tokens per second (0: dense is best)."""
-    rates = [expected_tokens(alpha, g) / costs.round_seconds(g) for g in range(gamma_max + 1)]
-    return max(range(gamma_max + 1), key=lambda g: (rates[g], -g))
-
-
-def break_even_alpha(costs: StepCosts, gamma: int) -> float:
-    """The acceptance at which γ-draft rounds match dense decoding (1.0 if they never do)."""
-    lo, hi = 0.0, 1.0
-    if costs.speedup(1.0, gamma) <= 1.0:
-        return 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if costs.speedup(mid, gamma) < 1.0 else (lo, mid)
-    return hi
+_DEFAULT_ALPHA = 0.9  # the prior of a model's first call: the paper's acceptance profile (62% at γ = 9)
+_REDECIDE_EVERY = 8  # dense rounds between two decisions (drafted rounds re-decide at once)
+_SWITCH_MARGIN = 0.015  # another γ must be predicted this much faster to replace the current one
+# ... and drafting this much faster than dense to replace dense: the cost model's error on a CPU
+# (one-shot calibration on a shared machine, short captions whose last round is cut) is about this
+# large, and where drafting wins by less, dense is within that error of the best anyway
+_DRAFT_MARGIN = 0.10
 
 
 class AcceptanceEstimate:
@@ -147,39 +92,72 @@ class AutoPolicy:
     """Chooses each round's γ for one ``generate`` call; ``costs`` is shared with later calls.
 
     Dense-only rounds are measured once early, so γ = 0 is compared on measured time too. Where
-    dense wins but StD could (at α = 1) still win, a short probe round re-measures acceptance every
-    ``costs.probe_every`` dense rounds; the interval doubles after every probe that leaves dense the
-    better choice (up to 16×) and resets after one that makes drafting the better choice.
+    dense wins but StD could (at α = 1) still win, or what a draft costs is still the calibration's
+    guess, a short probe round re-measures acceptance, progress and the draft step every
+    ``costs.probe_every`` dense rounds (counted across calls); the interval doubles after every probe
+    that leaves dense the better choice (up to 16×) and resets after one that makes drafting the
+    better choice. Decisions are re-made lazily (see the module docstring), so a dense round costs a
+    counter, not a search.
     """
 
     def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
         self.costs = costs
         self.gamma_max = gamma_max
         self.estimate = AcceptanceEstimate(prior_alpha)
-        self.dense_rounds = 0
+        self.gamma = 0  # the current decision
+        self.can_win = True  # some γ beats dense at α = 1 (worth probing while dense is chosen)
+        self._stale = True  # decide again before the next round
+        self._since = 0  # rounds since the last decision
+        self._probing = False  # the round just chosen is a probe
 
     def choose(self) -> int:
-        if 0 not in self.costs.observed:
+        if not self.costs.measured_dense:
             return 0
-        gamma = best_gamma(self.costs, self.estimate.alpha, self.gamma_max)
-        if gamma == 0 and best_gamma(self.costs, 1.0, self.gamma_max) > 0:
-            self.dense_rounds += 1
-            if self.dense_rounds % self.costs.probe_every == 0:
-                return min(_PROBE_GAMMA, self.gamma_max)
-        return gamma
+        if self._stale or self._since >= _REDECIDE_EVERY:
+            self._decide()
+        self._since += 1
+        if self.gamma == 0 and self.can_win:
+            self.costs.since_probe += 1  # counted across calls: short calls probe as often as long ones
+            if self.costs.since_probe >= self.costs.probe_every:
+                self.costs.since_probe, self._probing = 0, True
+                return min(PROBE_GAMMA, self.gamma_max)
+        return self.gamma
 
-    def record(self, outcomes: list, gamma: int, seconds: float) -> None:
-        """One round: the live rows' counts (``RowStats``) and its wall seconds."""
+    def _decide(self) -> None:
+        rates = round_rates(self.costs, self.estimate.alpha, self.gamma_max)
+        best = max(range(self.gamma_max + 1), key=lambda g: (rates[g], -g))
+        margin = _DRAFT_MARGIN if self.gamma == 0 else _SWITCH_MARGIN
+        if rates[best] > rates[self.gamma] * (1 + margin):
+            self.gamma = best
+        # drafting could win at α = 1, or its cost is still the calibration's guess: worth probing
+        unmeasured = self.costs.draft.value is None
+        self.can_win = self.gamma > 0 or unmeasured or best_gamma(self.costs, 1.0, self.gamma_max) > 0
+        self._stale, self._since = False, 0
+
+    def record(
+        self,
+        outcomes: Sequence[RowStats],
+        gamma: int,
+        seconds: float,
+        draft_seconds: float = 0.0,
+        verify_seconds: float | None = None,
+    ) -> None:
+        """One round: the live rows' counts, its wall seconds and those of its draft and verify
+        phases (by default the whole round is the verify, i.e. no bookkeeping)."""
         if gamma > 0:
-            accepted = sum(o.accepted for o in outcomes)
-            self.estimate.update(accepted, sum(o.rejections for o in outcomes))
-        self.costs.observe(gamma, seconds)
-        if gamma > 0 and self.dense_rounds and gamma == min(_PROBE_GAMMA, self.gamma_max):
-            # a probe that would not switch the policy to drafting counts as failed, even if a row
-            # of the batch accepted a draft by chance
-            switches = best_gamma(self.costs, self.estimate.alpha, self.gamma_max) > 0
-            backed_off = min(16 * _PROBE_EVERY, 2 * self.costs.probe_every)
-            self.costs.probe_every = _PROBE_EVERY if switches else backed_off
+            self.estimate.update(sum(o.accepted for o in outcomes), sum(o.rejections for o in outcomes))
+            self._stale = True
+        verify = seconds - draft_seconds if verify_seconds is None else verify_seconds
+        progress = sum(o.generated for o in outcomes) / len(outcomes) if outcomes else None
+        self.costs.observe(gamma, seconds, draft_seconds, verify, progress)
+        if self._probing:
+            self._probing = False
+            # a probe that would not switch the policy to drafting has failed, even if a row of the
+            # batch accepted a draft by chance, or every draft (where a draft costs what a dense step does)
+            rates = round_rates(self.costs, self.estimate.alpha, self.gamma_max)
+            switches = max(rates[1:]) > rates[0] * (1 + _DRAFT_MARGIN)
+            backed_off = min(16 * PROBE_EVERY, 2 * self.costs.probe_every)
+            self.costs.probe_every = PROBE_EVERY if switches else backed_off
 
 
 class RoundSchedule(Protocol):
@@ -189,8 +167,11 @@ class RoundSchedule(Protocol):
         """γ of the next round, at most ``limit`` (the drafts the live rows can still use)."""
         ...
 
-    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
-        """The round just rolled back: its γ and the live rows' counts."""
+    def record(
+        self, gamma: int, outcomes: Sequence[RowStats], draft_seconds: float, verify_seconds: float
+    ) -> None:
+        """The round just rolled back: its γ, the live rows' counts and the seconds of its draft and
+        verify phases."""
         ...
 
     def finish(self) -> None:
@@ -207,7 +188,9 @@ class FixedSchedule:
     def next_gamma(self, limit: int) -> int:
         return min(self.gamma, limit)
 
-    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
+    def record(
+        self, gamma: int, outcomes: Sequence[RowStats], draft_seconds: float, verify_seconds: float
+    ) -> None:
         pass
 
     def finish(self) -> None:
@@ -254,8 +237,11 @@ class AutoSchedule:
         self._start = time.perf_counter()
         return gamma
 
-    def record(self, gamma: int, outcomes: Sequence[RowStats]) -> None:
-        self.policy.record(list(outcomes), gamma, time.perf_counter() - self._start)
+    def record(
+        self, gamma: int, outcomes: Sequence[RowStats], draft_seconds: float, verify_seconds: float
+    ) -> None:
+        seconds = time.perf_counter() - self._start
+        self.policy.record(outcomes, gamma, seconds, draft_seconds, verify_seconds)
 
     def finish(self) -> None:
         _ACCEPTANCE[self.model] = self.policy.estimate.alpha
@@ -268,24 +254,3 @@ def shape_bucket(batch: int, dense_length: int, sparse_length: int) -> tuple[int
         1 << max(0, math.ceil(math.log2(max(1, dense_length)))),
         1 << max(0, math.ceil(math.log2(max(1, sparse_length)))),
     )
-
-
-def time_forward(forward: Callable[[], object], roll_back: Callable[[], None], repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` timed calls of ``forward`` after one warm-up, each followed
-    by ``roll_back`` (outside the timing). Synchronises CUDA around each call."""
-    best = float("inf")
-    for attempt in range(repeats + 1):
-        _synchronize()
-        start = time.perf_counter()
-        forward()
-        _synchronize()
-        elapsed = time.perf_counter() - start
-        roll_back()
-        if attempt:
-            best = min(best, elapsed)
-    return best
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()

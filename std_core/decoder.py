@@ -26,6 +26,7 @@ import torch
 
 from std_core.acceptance import (
     accepted_length,
+    argmax,
     greedy_agreement,
     greedy_bonus,
     residual_distribution,
@@ -33,7 +34,15 @@ from std_core.acceptance import (
     sampling_agreement,
 )
 from std_core.attention import attention_phase, install
-from std_core.auto import AutoSchedule, FixedSchedule, RoundSchedule, StepCosts, shape_bucket, time_forward
+from std_core.auto import (
+    AutoSchedule,
+    FixedSchedule,
+    RoundSchedule,
+    StepCosts,
+    shape_bucket,
+    time_forwards,
+    verify_sizes,
+)
 from std_core.config import StdConfig
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_positions
@@ -141,29 +150,37 @@ class _Decode:
         self.timer = PhaseTimer(input_ids.device)  # seconds per phase, without host syncs
         self.scorer = Scorer(logits_processor)  # generate's logits processors, per position
         # where each row ends: generate's stopping criteria (max length, EOS, ...)
-        self.stop = StopRule(stopping_criteria, input_ids.shape[1], generation_config.max_length)
+        self.stop = StopRule(
+            stopping_criteria, input_ids.shape[1], generation_config.max_length, input_ids.device
+        )
         pad = generation_config._pad_token_tensor
         pad_id = int(pad) if pad is not None else 0  # fills each row's output after its end
         self.rows = Rows(input_ids, self.stop, pad_id, spare=self.gamma + 2)  # committed tokens, counts
         # which prompt positions are real, visual, scoring text; how many the sparse cache keeps
         self.layout = self.prompt_layout(input_ids, model_kwargs)
         capacity = input_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1
-        self.dense = SlotCache(spec.num_layers, capacity)  # every prompt and committed token
+        # every prompt and committed token; a forward writes at most γ + 1 (the verify)
+        self.dense = SlotCache(spec.num_layers, capacity, max_query=self.gamma + 1, groups=spec.groups)
         text_topk = self.gamma and config.selection == "text_topk"
         # scores the visual tokens from the prefill's text queries (None: no sparse cache, sink_window)
         self.observer = self.selection_observer() if text_topk else None
         logits = self.prefill(input_ids, model_kwargs)  # [B, 1, V]
         self.sparse = self.select() if self.gamma else None  # the kept prompt + committed tokens
-        self.sparse_behind = [0] * input_ids.shape[0]  # committed tokens not yet in the sparse cache
+        # committed tokens not yet in the sparse cache (after dense-only rounds), on the host and device
+        self.behind, self.behind_t = [0] * input_ids.shape[0], torch.zeros_like(self.dense.lengths)
         self.base_positions = next_positions(spec, model_kwargs["position_ids"])  # [R, B] first new token
         self.round_gammas: list[int] = []  # γ of every round so far
         self.pending = self.first_token(input_ids, logits)  # [B] last committed token, not yet cached
+        for cache in (self.dense, self.sparse):  # the masks, built once here rather than in a round
+            if cache is not None:
+                cache.prepare_mask()
         self.schedule: RoundSchedule = self.round_schedule(call.calibrate > 0)  # γ of each round
 
     def run(self) -> GenerateResult:
         """Rounds until every row stops."""
-        while not self.rows.all_finished:
-            self.round()
+        with self.timer.phase("rounds"):
+            while not self.rows.all_finished:
+                self.round()
         self.schedule.finish()
         return GenerateResult(self.rows.sequences(), self.stats())
 
@@ -191,7 +208,7 @@ class _Decode:
 
     def select(self) -> SlotCache:
         """The sparse cache: kept prompt slots of every layer gathered once from the dense cache."""
-        with self.timer.phase("select"):
+        with self.timer.phase("gather"):
             if self.observer is not None:
                 index = [self.observer.index[i] for i in range(self.spec.num_layers)]
                 starts = self.observer.starts
@@ -201,13 +218,14 @@ class _Decode:
                 index = [shared] * self.spec.num_layers
             kept = index[0].shape[-1]
             capacity = kept + self.stop.max_new_tokens + self.gamma + 1
-            return SlotCache.gathered(self.dense, index, starts, capacity)
+            # drafts write one token per forward
+            return SlotCache.gathered(self.dense, index, starts, capacity, groups=self.spec.groups)
 
     def first_token(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Commit every row's first token (from the prefill logits); returns it ``[B]``."""
         scores = self.scorer(logits, self.rows.tokens, self.rows.lengths(), input_ids[:, :0])
         first = self.pick(scores[:, 0])
-        self.rows.commit(first[:, None].cpu(), [0] * len(first))
+        self.rows.commit(first[:, None], self.rows.none_accepted)
         return first
 
     def round_schedule(self, calibrating: bool) -> RoundSchedule:
@@ -222,7 +240,7 @@ class _Decode:
         """The next token from processed scores ``[B, V]``: argmax, or a draw when sampling."""
         if self.do_sample:
             return sample(torch.softmax(scores, dim=-1), self.generator)
-        return scores.argmax(dim=-1)
+        return argmax(scores)
 
     # ---------------------------------------------------------------------------------- the round
     def round(self) -> None:
@@ -230,118 +248,139 @@ class _Decode:
         gamma = self.schedule.next_gamma(self.rows.remaining() - 1)  # choose γ (within the token budget)
         uniforms = self.uniforms(gamma)  # sampling: the acceptance rule's u ~ U(0, 1), [B, γ]
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
-        p = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
-        accepted, bonus = self.accept(drafts, p, q, uniforms)  # 3. accept prefix + bonus
-        outcomes = self.roll_back(drafts, accepted, bonus, gamma)  # 4. roll back to pending + accepted
-        self.schedule.record(gamma, outcomes)
+        dense = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
+        accepted, bonus = self.accept(drafts, dense, q, uniforms)  # 3. accept prefix + bonus
+        behind = self.roll_back(drafts, accepted, bonus, gamma)  # 4. roll back to pending + accepted
+        draft_seconds = self.timer.latest("draft") if gamma else 0.0
+        self.schedule.record(gamma, behind, draft_seconds, self.timer.latest("verify"))
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""
-        if gamma:
-            self.catch_up_sparse()
         drafts = self.pending.new_empty((self.pending.shape[0], gamma))
+        if not gamma:  # a dense round: nothing to draft
+            return drafts, None
+        self.catch_up_sparse()
         q = []
         token = self.pending[:, None]
+        lengths = self.rows.lengths()
         with self.timer.phase("draft"):
             for i in range(gamma):
                 logits = self.forward(self.sparse, token)
-                scores = self.scorer(logits, self.rows.tokens, self.rows.lengths(), drafts, offset=i)[:, 0]
+                scores = self.scorer(logits, self.rows.tokens, lengths, drafts, offset=i)[:, 0]
                 if self.do_sample:
                     q.append(torch.softmax(scores, dim=-1))
                     drafts[:, i] = sample(q[-1], self.generator)
                 else:
-                    drafts[:, i] = scores.argmax(dim=-1)
+                    drafts[:, i] = argmax(scores)
                 token = drafts[:, i : i + 1]
         return drafts, (torch.stack(q, dim=1) if q else None)
 
     def catch_up_sparse(self) -> None:
         """Copy into the sparse cache the committed tokens that dense-only rounds (γ = 0, ``mode="auto"``)
         left out of it, so a draft attends to every committed token."""
-        if any(self.sparse_behind):
-            self.sparse.append_from(self.dense, self.sparse_behind)
-            self.sparse_behind = [0] * len(self.sparse_behind)
+        if any(self.behind):
+            self.sparse.append_from(self.dense, self.behind_t, self.behind)
+            self.behind, self.behind_t = [0] * len(self.behind), torch.zeros_like(self.behind_t)
 
     def verify(
         self, drafts: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
     ) -> torch.Tensor:
-        """Dense scores of ``[pending] + drafts``: ``[B, m, V]`` (m = γ + 1, or fewer when a
-        sequential verify stopped once every row had disagreed)."""
-        tokens = torch.cat([self.pending[:, None], drafts], dim=1)
-        history, lengths = self.rows.tokens, self.rows.lengths()
+        """What the dense model makes of ``[pending] + drafts``: its greedy tokens ``[B, m]`` (greedy)
+        or its probabilities ``[B, m, V]`` (sampling), from ``generate``'s processed scores; m = γ + 1,
+        or fewer when a sequential verify stopped once every row had disagreed."""
+        tokens = (
+            torch.cat([self.pending[:, None], drafts], dim=1) if drafts.shape[1] else self.pending[:, None]
+        )
+        history, lengths = self.rows.tokens, self.rows.lengths()  # [B, *] on the device; host list
         with self.timer.phase("verify"):
             if self.config.verify == "parallel" or drafts.shape[1] == 0:
-                return self.scorer(self.forward(self.dense, tokens), history, lengths, drafts)
-            scores, alive = [], torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            for j in range(tokens.shape[1]):
-                scores.append(
-                    self.scorer(self.forward(self.dense, tokens[:, j : j + 1]), history, lengths, drafts, j)
+                return self.dense_view(
+                    self.scorer(self.forward(self.dense, tokens), history, lengths, drafts)
                 )
+            dense, alive = [], torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            for j in range(tokens.shape[1]):
+                scores = self.scorer(
+                    self.forward(self.dense, tokens[:, j : j + 1]), history, lengths, drafts, j
+                )
+                dense.append(self.dense_view(scores))
                 if j == drafts.shape[1]:
                     break
-                alive &= self.agreement(drafts[:, j : j + 1], scores[-1], q, uniforms, j)[:, 0]
-                if not bool(alive.any()):
+                alive &= self.agreement(drafts[:, j : j + 1], dense[-1], q, uniforms, j)[:, 0]
+                if not bool(alive.any()):  # one read per verified position: a skipped forward is dearer
                     break
-            return torch.cat(scores, dim=1)
+            return torch.cat(dense, dim=1)
+
+    def dense_view(self, scores: torch.Tensor) -> torch.Tensor:
+        """Processed dense scores ``[B, m, V]`` as acceptance reads them: tokens ``[B, m]`` (greedy),
+        probabilities ``[B, m, V]`` (sampling)."""
+        return torch.softmax(scores, dim=-1) if self.do_sample else argmax(scores)
 
     def agreement(
         self,
         drafts: torch.Tensor,
-        p: torch.Tensor,
+        dense: torch.Tensor,
         q: torch.Tensor | None,
         uniforms: torch.Tensor | None,
         at: int = 0,
     ) -> torch.Tensor:
-        """``[B, n]`` bool: which drafts the dense scores ``p [B, >= n, V]`` accept."""
+        """``[B, n]`` bool: which drafts the dense view (:meth:`dense_view`, ``>= n`` positions) accepts."""
         if not self.do_sample:
-            return greedy_agreement(drafts, p.argmax(dim=-1))
+            return greedy_agreement(drafts, dense)
         n = drafts.shape[1]
         if n == 0:
             return drafts.new_zeros(drafts.shape, dtype=torch.bool)
-        return sampling_agreement(drafts, torch.softmax(p, -1), q[:, at : at + n], uniforms[:, at : at + n])
+        return sampling_agreement(drafts, dense, q[:, at : at + n], uniforms[:, at : at + n])
 
     def accept(
-        self, drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
+        self, drafts: torch.Tensor, dense: torch.Tensor, q: torch.Tensor | None, uniforms: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accepted lengths ``[B]`` and bonus tokens ``[B]``."""
-        accepted = accepted_length(self.agreement(drafts[:, : p.shape[1]], p, q, uniforms))
+        """Accepted lengths ``[B]`` and bonus tokens ``[B]`` from the verify's dense view."""
+        if not drafts.shape[1] and not self.do_sample:  # a dense round: the bonus is the next token
+            return self.rows.none_accepted, dense[:, 0]
+        accepted = accepted_length(self.agreement(drafts[:, : dense.shape[1]], dense, q, uniforms))
         if not self.do_sample:
-            return accepted, greedy_bonus(p.argmax(dim=-1), accepted)
-        q = q if q is not None else p[:, :0]
-        return accepted, sample(residual_distribution(torch.softmax(p, -1), q, accepted), self.generator)
+            return accepted, greedy_bonus(dense, accepted)
+        q = q if q is not None else dense[:, :0]
+        return accepted, sample(residual_distribution(dense, q, accepted), self.generator)
 
     def roll_back(
         self, drafts: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor, gamma: int
     ) -> list[RowStats]:
         """Commit ``drafts[:accepted] + bonus`` per row; both caches keep ``pending + accepted``
         (the sparse cache lazily after a dense-only round: see :meth:`catch_up_sparse`). Returns the
-        live rows' round counts."""
-        new = torch.cat([drafts, bonus[:, None]], dim=1).scatter(1, accepted[:, None], bonus[:, None])
-        host = torch.cat([accepted[:, None], new], dim=1).cpu()  # the round's one host sync
+        round counts of the live rows that were furthest behind (what ``mode="auto"`` estimates the
+        acceptance from: a batch decodes until its slowest row is done)."""
+        new = bonus[:, None]
+        if gamma:
+            new = torch.cat([drafts, new], dim=1).scatter(1, accepted[:, None], new)
+        keep, keep_host, _, behind = self.rows.commit(new, accepted, gamma=gamma)  # the one host sync
         self.round_gammas.append(gamma)
-        keep, outcomes = self.rows.commit(host[:, 1:], host[:, 0].tolist(), gamma=gamma)
-        keep_t = torch.tensor(keep, device=drafts.device)
         if self.sparse is not None and gamma:
             self.sparse.adopt_tentative(self.dense)
-            self.sparse.commit(keep_t, keep)
+            self.sparse.commit(keep, keep_host)
         elif self.sparse is not None:
-            self.sparse_behind = [a + b for a, b in zip(self.sparse_behind, keep, strict=True)]
-        self.dense.commit(keep_t, keep)
+            self.behind_t += keep
+            self.behind = [a + b for a, b in zip(self.behind, keep_host, strict=True)]
+        self.dense.commit(keep, keep_host)
         self.pending = bonus
-        return outcomes
+        return behind
 
     # ------------------------------------------------------------------------------------ step costs
     def measure_costs(self, repeats: int = 3) -> StepCosts:
-        """Step costs of this call's own caches (each timed forward is rolled back at once)."""
+        """Step costs of this call's own caches, as the rounds time them (a forward and its greedy
+        tokens; each rolled back at once, all interleaved): a draft step, a dense step and verifies of
+        :func:`~std_core.costs.verify_sizes` tokens."""
+        none = torch.zeros_like(self.pending)
 
-        def timed(cache: SlotCache, q: int) -> float:
+        def step(cache: SlotCache, q: int) -> tuple:
             tokens = self.pending[:, None].expand(-1, q).contiguous()
-            none = torch.zeros_like(self.pending)
-            return time_forward(
-                lambda: self.forward(cache, tokens), lambda: cache.commit(none, [0] * len(none)), repeats
-            )
+            return lambda: argmax(self.forward(cache, tokens)), lambda: cache.commit(none, [0] * len(none))
 
-        dense, q = timed(self.dense, 1), self.gamma + 1
-        return StepCosts.from_measurements(dense, timed(self.sparse, 1), dense, timed(self.dense, q), q)
+        sizes = [1, *verify_sizes(self.gamma)]
+        draft, *verifies = time_forwards(
+            [step(self.sparse, 1)] + [step(self.dense, q) for q in sizes], repeats
+        )
+        return StepCosts.from_verifies(verifies[0], draft, list(zip(sizes, verifies, strict=True)))
 
     # ------------------------------------------------------------------------------------- helpers
     def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -349,7 +388,7 @@ class _Decode:
         q = tokens.shape[1]
         offsets = self.rows.cached[:, None] + cache.pending + torch.arange(q, device=tokens.device)[None]
         positions = decode_position_ids(self.spec, self.base_positions, offsets)
-        mask = cache.begin_forward(q, self.spec.groups)
+        mask = cache.begin_forward(q)  # [B, 1, groups * q, kv_len] additive, a view of the cache's own
         with attention_phase("decode"):
             out = self.model(
                 input_ids=tokens,
@@ -371,17 +410,17 @@ class _Decode:
     def stats(self) -> DecodeStats:
         """The call's per-row counts, phase seconds and cache sizes."""
         seconds = self.timer.seconds()
-        select = seconds.get("select", 0.0)
-        prefill_select = select if self.observer is not None else 0.0
+        scoring = seconds.get("select", 0.0)  # the observer's, inside the prefill
         gathered_bytes = self.sparse.nbytes() if self.sparse is not None else 0
         return DecodeStats(
             mode=self.config.mode,
             gamma=self.gamma,
             rows=tuple(self.rows.stats),
-            prefill_seconds=seconds.get("prefill", 0.0) - prefill_select,
-            select_seconds=select,
+            prefill_seconds=seconds.get("prefill", 0.0) - scoring,
+            select_seconds=scoring + seconds.get("gather", 0.0),
             draft_seconds=seconds.get("draft", 0.0),
             verify_seconds=seconds.get("verify", 0.0),
+            rounds_seconds=seconds.get("rounds", 0.0),
             batch_rounds=len(self.round_gammas),
             round_gammas=tuple(self.round_gammas),
             visual_tokens=tuple(int(x) for x in self.layout.visual.sum(dim=1).tolist()),

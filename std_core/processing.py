@@ -50,6 +50,7 @@ class Scorer:
     def __init__(self, processors: LogitsProcessorList) -> None:
         self.processors = processors
         self.id_free = all(isinstance(p, _ID_FREE) for p in processors)
+        self._groups: tuple[tuple[int, ...], list[tuple[int, list[int], torch.Tensor]]] | None = None
 
     def __call__(
         self,
@@ -78,35 +79,51 @@ class Scorer:
                 out[rows, i] = self.processors(ids, logits[:, i])[rows]
         return out
 
-    @staticmethod
     def _aligned_batches(
-        history: torch.Tensor, lengths: list[int], extra: torch.Tensor, extra_len: int
+        self, history: torch.Tensor, lengths: list[int], extra: torch.Tensor, extra_len: int
     ) -> list[tuple[list[int], torch.Tensor]]:
         """Full-batch id tensors, one per distinct row length: rows of that length carry their own ids,
         the others a copy of one of them (their scores are discarded). Processors that hold per-row
         state (e.g. the repetition penalty's per-row prompt padding) thus always see the whole batch,
-        as in ``generate``."""
-        groups: dict[int, list[int]] = {}
-        for b, length in enumerate(lengths):
-            groups.setdefault(length, []).append(b)
-        batches = []
-        for length, rows in groups.items():
-            source = torch.full((len(lengths),), rows[0], dtype=torch.long)
-            source[rows] = torch.tensor(rows)
-            source = source.to(history.device)
-            ids = torch.cat([history[source, :length], extra[source, :extra_len]], dim=1)
-            batches.append((rows, ids))
-        return batches
+        as in ``generate``. The row groups are built once per set of lengths (once per round)."""
+        return [
+            (rows, torch.cat([history[source, :length], extra[source, :extra_len]], dim=1))
+            for length, rows, source in self._row_groups(lengths, history.device)
+        ]
+
+    def _row_groups(
+        self, lengths: list[int], device: torch.device
+    ) -> list[tuple[int, list[int], torch.Tensor]]:
+        """Per distinct length: the rows of that length and the ``[B]`` source row of every id row."""
+        key = tuple(lengths)
+        if self._groups is None or self._groups[0] != key:
+            groups: dict[int, list[int]] = {}
+            for b, length in enumerate(lengths):
+                groups.setdefault(length, []).append(b)
+            built = []
+            for length, rows in groups.items():
+                source = torch.full((len(lengths),), rows[0], dtype=torch.long)
+                source[rows] = torch.tensor(rows)
+                built.append((length, rows, source.to(device)))
+            self._groups = key, built
+        return self._groups[1]
 
 
 class StopRule:
     """Where each row's generation ends, as ``generate``'s stopping criteria decide.
 
-    Max length and EOS are evaluated natively on whole windows of new tokens; any other criterion
-    (stop strings, max time, user criteria) is called once per new token with the row's ids.
+    Max length and EOS are evaluated on the device on whole windows of new tokens
+    (:meth:`first_stop`); any other criterion (stop strings, max time, user criteria) is called on the
+    host once per new token with the row's ids (:meth:`other_stop`).
     """
 
-    def __init__(self, criteria: StoppingCriteriaList, prompt_len: int, default_max_length: int) -> None:
+    def __init__(
+        self,
+        criteria: StoppingCriteriaList,
+        prompt_len: int,
+        default_max_length: int,
+        device: torch.device | None = None,
+    ) -> None:
         max_length = default_max_length
         eos: list[int] = []
         self.others = []
@@ -119,35 +136,27 @@ class StopRule:
                 self.others.append(criterion)
         self.prompt_len = prompt_len
         self.max_new_tokens = max_length - prompt_len
-        self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
+        self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long, device=device)
 
-    def stop_index(self, new: torch.Tensor, history: torch.Tensor, generated: list[int]) -> list[int | None]:
-        """For each row, the index in ``new [B, n]`` (on the CPU) of the token that ends it, or None.
-
-        ``generated[b]`` tokens of row b were committed before ``new``; ``history`` holds the
-        committed ids (prompt first, ``new`` not yet written), on the model's device.
-        """
-        batch, n = new.shape
-        cut = torch.full((batch,), n, dtype=torch.long)
+    def first_stop(self, new: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """``[B]`` long: for each row, the index in ``new [B, n]`` of the token that ends it by EOS or
+        max length (``>= n``: none does). ``generated [B]`` tokens of the row came before ``new``;
+        everything stays on the device."""
+        stop = self.max_new_tokens - 1 - generated  # the row's last token within max length
         if self.eos.numel():
             hits = torch.isin(new, self.eos)
-            first = torch.where(hits.any(dim=1), hits.long().argmax(dim=1), n)
-            cut = torch.minimum(cut, first)
-        result: list[int | None] = []
-        for b in range(batch):
-            stop = min(int(cut[b]), self.max_new_tokens - generated[b] - 1)
-            stop = self._other_stop(b, new, history, generated, stop)
-            result.append(stop if stop < n else None)
-        return result
-
-    def _other_stop(
-        self, b: int, new: torch.Tensor, history: torch.Tensor, generated: list[int], stop: int
-    ) -> int:
-        if not self.others:
-            return stop
-        base = history[b, : self.prompt_len + generated[b]]
-        for i in range(min(stop, new.shape[1] - 1) + 1):
-            ids = torch.cat([base, new[b, : i + 1].to(base.device)])[None]
-            if any(bool(c(ids, None).any()) for c in self.others):
-                return i
+            first = torch.where(hits.any(dim=1), hits.long().argmax(dim=1), new.shape[1])
+            stop = torch.minimum(stop, first)
         return stop
+
+    def other_stop(self, ids: torch.Tensor, n: int) -> int | None:
+        """The index among the last ``n`` of ``ids [1, L]`` (a row's committed ids, its new tokens
+        last) of the first token after which another criterion stops the row, or None."""
+        if not self.others:
+            return None
+        base = ids.shape[1] - n
+        for i in range(n):
+            prefix = ids[:, : base + i + 1]
+            if any(bool(c(prefix, None).any()) for c in self.others):
+                return i
+        return None

@@ -3,6 +3,12 @@
 A row's output grows by the tokens each round commits (accepted drafts + the bonus), cut where
 ``generate``'s stopping criteria end it (max length, EOS, ...). After its end a row is *finished*: it
 keeps its tokens, its caches keep their length, and its output is padded like ``generate``'s.
+
+The state lives on the model's device (``tokens``, ``generated_t``, ``finished_t``, ``cached``) and
+is mirrored on the host (``generated``, ``finished``, ``stats``). :meth:`Rows.commit` updates the
+device state with tensor ops and then reads the round's counts back in one transfer, the round's one
+host synchronisation. Stopping criteria other than max length and EOS (stop strings, max time, a
+user's) are called on the host afterwards, per new token, and end a row there when they fire.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ class Rows:
     def __init__(self, input_ids: torch.Tensor, stop: StopRule, pad_id: int, spare: int) -> None:
         batch, self.prompt_len = input_ids.shape
         self.stop = stop
-        width = self.prompt_len + stop.max_new_tokens + spare
-        self.tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=input_ids.device)
+        self.pad_id = pad_id
+        width = self.prompt_len + stop.max_new_tokens + max(spare, 2)
+        device = input_ids.device
+        self.tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
         self.tokens[:, : self.prompt_len] = input_ids
         self.generated = [0] * batch
         self.finished = [False] * batch
         self.stats = [RowStats() for _ in range(batch)]
-        self.cached = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        self.generated_t = torch.zeros(batch, dtype=torch.long, device=device)  # = generated
+        self.finished_t = torch.zeros(batch, dtype=torch.bool, device=device)  # = finished
+        self.cached = torch.zeros(batch, dtype=torch.long, device=device)  # tokens in the caches
+        self.none_accepted = torch.zeros(batch, dtype=torch.long, device=device)  # a dense round's
+        self._offsets = torch.arange(width, device=device)
 
     def lengths(self) -> list[int]:
         """Committed ids per row, prompt included."""
@@ -47,32 +59,65 @@ class Rows:
         return self.tokens[:, : self.prompt_len + max(self.generated)]
 
     def commit(
-        self, new: torch.Tensor, accepted: list[int], gamma: int | None = None
-    ) -> tuple[list[int], list[RowStats]]:
-        """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, *]`` on the CPU, cut
+        self, new: torch.Tensor, accepted: torch.Tensor, gamma: int | None = None
+    ) -> tuple[torch.Tensor, list[int], list[RowStats], list[RowStats]]:
+        """Write each live row's new tokens (``accepted[b] + 1`` of ``new [B, m]``, on the device, cut
         where the row stops) and count them as a round of ``gamma`` drafts (None: the prefill's
         token). Returns the tentative cache slots each row keeps (``accepted + 1``; 0 once it stops)
-        and the live rows' round counts. Updates ``cached`` (tokens in the caches, ``[B]``)."""
-        stops = self.stop.stop_index(new, self.tokens, self.generated)
-        keep, outcomes = [0] * len(self.generated), []
-        for b, (a, stop) in enumerate(zip(accepted, stops, strict=True)):
+        as ``[B]`` on the device and as a host list, the live rows' round counts, and those of the
+        rows that were furthest behind (fewest tokens before this round: the rows a batch waits for)."""
+        count, ends, keep = self._commit_on_device(new, accepted)
+        host = torch.stack([accepted, count, ends.long()], dim=1).tolist()  # the round's one host sync
+        keep_host, outcomes, behind = [0] * len(host), [], []
+        last = min((g for g, f in zip(self.generated, self.finished, strict=True) if not f), default=0)
+        for b, (a, n, end) in enumerate(host):
             if self.finished[b]:
                 continue
+            lagging = self.generated[b] == last
+            keep_host[b] = 0 if end else a + 1  # what the device kept
+            if self.stop.others:
+                n, end = self._other_stop(b, n, bool(end))
             usable = 0 if gamma is None else min(gamma, self.stop.max_new_tokens - self.generated[b] - 1)
-            count = a + 1
-            if stop is not None and stop < count:
-                count, self.finished[b] = stop + 1, True
-            start = self.prompt_len + self.generated[b]
-            self.tokens[b, start : start + count] = new[b, :count].to(self.tokens.device)
-            self.generated[b] += count
-            ended_in_drafts = stop is not None and stop < min(a, usable)
-            outcomes.append(
-                RowStats(count) if gamma is None else _round_counts(count, a, usable, ended_in_drafts)
-            )
+            self.generated[b] += n
+            self.finished[b] = bool(end)
+            ended_in_drafts = bool(end) and n - 1 < min(a, usable)
+            outcomes.append(RowStats(n) if gamma is None else _round_counts(n, a, usable, ended_in_drafts))
             self.stats[b] += outcomes[-1]
-            keep[b] = 0 if self.finished[b] else a + 1
-        self.cached = torch.tensor([g - 1 for g in self.generated], device=self.tokens.device)
-        return keep, outcomes
+            if lagging:
+                behind.append(outcomes[-1])
+        return keep, keep_host, outcomes, behind
+
+    def _commit_on_device(
+        self, new: torch.Tensor, accepted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device half of :meth:`commit`: ``count`` (tokens committed), ``ends`` (the row stops
+        here) and ``keep`` (cache slots kept), each ``[B]``; writes the tokens."""
+        live = ~self.finished_t
+        stop = self.stop.first_stop(new, self.generated_t)  # [B] index of the token that ends the row
+        ends = live & (stop <= accepted)  # it ends within this round's accepted + 1 tokens
+        count = torch.minimum(accepted, stop).add_(1).mul_(live)  # 0 for rows that had finished
+        i = self._offsets[: new.shape[1]][None]
+        spare = self.tokens.shape[1] - 1  # never part of the output: tokens past a row's count go there
+        slots = torch.where(i < count[:, None], (self.generated_t + self.prompt_len)[:, None] + i, spare)
+        self.tokens.scatter_(1, slots, new)
+        self.generated_t += count
+        self.finished_t |= ends
+        self.cached = self.generated_t - 1
+        return count, ends, count.masked_fill(ends, 0)
+
+    def _other_stop(self, b: int, n: int, end: bool) -> tuple[int, bool]:
+        """Row ``b``'s committed count and end after the criteria that run on the host, called on its
+        ids after each of its ``n`` new tokens; a criterion that fires ends the row there."""
+        start = self.prompt_len + self.generated[b]
+        stop = self.stop.other_stop(self.tokens[b : b + 1, : start + n], n)
+        if stop is None:
+            return n, end
+        if stop + 1 < n:  # the tokens after the stop are not the row's: pad them
+            self.tokens[b, start + stop + 1 : start + n] = self.pad_id
+            self.generated_t[b] -= n - stop - 1
+            self.cached[b] = self.generated_t[b] - 1
+        self.finished_t[b] = True
+        return stop + 1, True
 
 
 def _round_counts(count: int, accepted: int, usable: int, ended_in_drafts: bool) -> RowStats:

@@ -281,7 +281,10 @@ class _SharedDecode(_Decode):
         """Each video's prefix once, then every suffix; returns each row's last-token logits [Q, 1, V]."""
         with self.timer.phase("prefill"):
             prefixes = [self.prefill_prefix(v) for v in range(len(self.prompt.prefix_ids))]
-            self.dense = SlotCache.from_prefixes(prefixes, self.prompt.video_of_row, self.dense.capacity)
+            rows, dense = self.prompt.video_of_row, self.dense
+            self.dense = SlotCache.from_prefixes(
+                prefixes, rows, dense.capacity, dense.max_query, dense.groups
+            )
             del prefixes
             return self.prefill_suffixes()
 
@@ -308,7 +311,7 @@ class _SharedDecode(_Decode):
         """One dense forward of every row's suffix against its prefix; the padding is rolled back."""
         prompt, dense = self.prompt, self.dense
         width = prompt.suffix_ids.shape[1]
-        allowed = dense.begin_forward(width, groups=1)  # [Q, 1, S, max P + S]: prefix + causal suffix
+        allowed = dense.allowed(width, groups=1)  # [Q, 1, S, max P + S]: prefix + causal suffix
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -112,6 +112,7 @@ class DecodeStats:
     select_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    rounds_seconds: float = 0.0  # the rounds, from the first token to the end (decode time)
     batch_rounds: int = 0
     round_gammas: tuple[int, ...] = ()  # γ of every batch round (constant unless mode="auto")
     visual_tokens: tuple[int, ...] = ()
@@ -130,6 +131,12 @@ class DecodeStats:
     def decode_seconds(self) -> float:
         """Draft + verify time (the prefill and selection excluded)."""
         return self.draft_seconds + self.verify_seconds
+
+    @property
+    def bookkeeping_seconds(self) -> float:
+        """The rounds' time outside draft and verify forwards: choosing γ, accepting, rolling back,
+        stop checks (``rounds_seconds`` − draft − verify)."""
+        return max(0.0, self.rounds_seconds - self.draft_seconds - self.verify_seconds)
 
     def row_columns(self, i: int) -> dict[str, float | int | str]:
         """Flat per-row columns for tables (Parquet rows, benchmark records)."""
@@ -164,6 +171,7 @@ class DecodeStats:
             "select_seconds": self.select_seconds,
             "draft_seconds": self.draft_seconds,
             "verify_seconds": self.verify_seconds,
+            "rounds_seconds": self.rounds_seconds,
         }
 
 
@@ -175,6 +183,7 @@ class PhaseTimer:
     device: torch.device
     _cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _events: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    _last: dict[str, float] = field(default_factory=dict)  # CPU: seconds of each phase's latest run
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -193,7 +202,16 @@ class PhaseTimer:
             try:
                 yield
             finally:
-                self._cpu[name] += time.perf_counter() - t0
+                self._last[name] = time.perf_counter() - t0
+                self._cpu[name] += self._last[name]
+
+    def latest(self, name: str) -> float:
+        """Seconds of the latest run of phase ``name`` (0 before the first). On CUDA its events must
+        have completed (after a host synchronisation, e.g. the round's), so reading adds none."""
+        if self.device.type == "cuda":
+            pairs = self._events.get(name)
+            return pairs[-1][0].elapsed_time(pairs[-1][1]) / 1000.0 if pairs else 0.0
+        return self._last.get(name, 0.0)
 
     def seconds(self) -> dict[str, float]:
         """Total seconds per phase (synchronises once on CUDA)."""

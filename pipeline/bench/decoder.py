@@ -30,7 +30,15 @@ from pipeline.bench.inputs import (
     synthetic_inputs,
     world_inputs,
 )
-from pipeline.bench.measure import DEFAULT_VARIANTS, STD_VARIANTS, VARIANTS, Sample, run_variant
+from pipeline.bench.measure import (
+    DEFAULT_VARIANTS,
+    STD_VARIANTS,
+    VARIANTS,
+    Sample,
+    fixed_gamma_of,
+    fixed_variant,
+    run_variant,
+)
 from pipeline.bench.records import DecoderRecord, build_record
 from std_core import SparseToDenseDecoder, StdConfig
 
@@ -54,6 +62,7 @@ class DecoderCase:
     padding: int = 8
     seed: int = 0
     variants: tuple[str, ...] = DEFAULT_VARIANTS
+    fixed_gammas: tuple[int, ...] = ()  # also fixed-γ StD at these γ (variants std_g<γ>)
     acceptance_profile: float = 0.62  # projected speedups assume this accepted / drafted at γ = 9
 
     def __post_init__(self) -> None:
@@ -64,6 +73,14 @@ class DecoderCase:
         unknown = set(self.variants) - set(VARIANTS)
         if unknown or "dense" not in self.variants:
             raise ValueError(f"variants must include 'dense' and come from {VARIANTS}; got {self.variants}")
+        if any(g < 1 for g in self.fixed_gammas):
+            raise ValueError(f"fixed_gammas must be >= 1, got {self.fixed_gammas}")
+
+    @property
+    def timed_variants(self) -> tuple[str, ...]:
+        """The variants, then ``std_g<γ>`` for every fixed γ other than the case's own (``std``)."""
+        extra = [g for g in dict.fromkeys(self.fixed_gammas) if g != self.gamma or "std" not in self.variants]
+        return (*self.variants, *(fixed_variant(g) for g in extra))
 
 
 @dataclass(frozen=True)
@@ -105,14 +122,19 @@ def make_decoders(model: torch.nn.Module, case: DecoderCase) -> dict[str, Sparse
         "dense": StdConfig(mode="dense", gamma=case.gamma, sparse_budget=case.sparse_budget),
         "auto": StdConfig(mode="auto", gamma=case.gamma, sparse_budget=case.sparse_budget),
     }
-    return {v: SparseToDenseDecoder(model, configs[v]) for v in STD_VARIANTS if v in case.variants}
+    decoders = {v: SparseToDenseDecoder(model, configs[v]) for v in STD_VARIANTS if v in case.variants}
+    for variant in case.timed_variants:
+        if (gamma := fixed_gamma_of(variant)) is not None:
+            config = StdConfig(gamma=gamma, sparse_budget=case.sparse_budget)
+            decoders[variant] = SparseToDenseDecoder(model, config)
+    return decoders
 
 
 def collect_samples(
     model: torch.nn.Module, decoders: dict, inputs: dict, case: DecoderCase
 ) -> dict[str, list[Sample]]:
     """Warm-up calls, then ``repeats`` interleaved rounds of every variant: samples per variant."""
-    variants = list(case.variants)
+    variants = list(case.timed_variants)
     for variant in variants:
         run_variant(variant, model, decoders, inputs, min(case.warmup_tokens, case.max_new_tokens))
     samples: dict[str, list[Sample]] = {v: [] for v in variants}

@@ -2,7 +2,9 @@
 
 Variants (all greedy, same inputs, same model object):
 
-- ``std``: :class:`std_core.SparseToDenseDecoder` with fixed γ;
+- ``std``: :class:`std_core.SparseToDenseDecoder` with fixed γ (the case's); ``std_g<γ>`` (e.g.
+  ``std_g3``, from ``--fixed-gammas``): the same at another fixed γ, so auto is compared with the best
+  fixed γ, not only with γ = 9;
 - ``std_sink``: the same with ``selection="sink_window"`` (the first visual tokens as attention sinks
   plus the most recent visual tokens, the paper's comparison draft) instead of the text-guided top-K,
   at the same budget;
@@ -11,13 +13,15 @@ Variants (all greedy, same inputs, same model object):
 - ``hf``: plain ``model.generate``; ``hf_gqa``: the same with ``TRANSFORMERS_SDPA_FORCE_GQA=1``
   (transformers reads it per attention call), so SDPA attends per KV head even with a mask.
 
-Where the time goes. std_core times its own phases (prefill, selection, draft, verify); for every
-variant, *decode* is the wall time after the first token: ``wall − prefill − select`` for the std_core
-variants (so it includes the accept / roll-back bookkeeping and ``generate``'s small input preparation,
-identical for std, dense and auto), and, for ``hf``, the time between the first and the last call of a
-no-op stopping criterion (called once per generated token). *Steps* are the tokens after the first
-(which every variant takes from the prefill's logits), so ``decode / steps`` is the time per output
-position of the whole batch.
+Where the time goes. std_core times its own phases (prefill, selection, the rounds, and the draft and
+verify forwards inside them); for every variant, *decode* is the wall time after the first token: the
+rounds for the std_core variants (std_core's ``rounds_seconds``, so it includes choosing γ and the
+accept / roll-back bookkeeping), and, for ``hf``, the time between the first and the last call of a
+no-op stopping criterion (called once per generated token). *Setup* is the rest of a std_core call
+(``wall − prefill − select − decode``: ``generate``'s input preparation, the first token, the caches'
+masks), the same for every std_core variant. *Steps* are the tokens after the first (which every
+variant takes from the prefill's logits), so ``decode / steps`` is the time per output position of the
+whole batch.
 
 Memory. CUDA: ``max_memory_allocated`` over the call. CPU: the process's peak resident set (VmHWM,
 reset before the call through ``/proc/self/clear_refs``), which includes the model and the interpreter;
@@ -43,6 +47,23 @@ HF_VARIANTS = ("hf", "hf_gqa")
 VARIANTS = STD_VARIANTS + HF_VARIANTS
 DEFAULT_VARIANTS = ("std", "dense", "auto", "hf", "hf_gqa")  # std_sink on request (--variants)
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+FIXED_PREFIX = "std_g"  # std_g<γ>: fixed-γ StD at another γ than the case's
+
+
+def fixed_variant(gamma: int) -> str:
+    """The name of the fixed-γ StD variant at ``gamma`` (``std_g3``)."""
+    return f"{FIXED_PREFIX}{gamma}"
+
+
+def fixed_gamma_of(variant: str) -> int | None:
+    """The γ of a ``std_g<γ>`` variant, else None."""
+    tail = variant.removeprefix(FIXED_PREFIX)
+    return int(tail) if variant.startswith(FIXED_PREFIX) and tail.isdigit() else None
+
+
+def is_std_core(variant: str) -> bool:
+    """Whether ``variant`` decodes with std_core (its phases are timed), not plain ``generate``."""
+    return variant in STD_VARIANTS or fixed_gamma_of(variant) is not None
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,7 @@ class Sample:
     draft_seconds: float
     verify_seconds: float
     decode_seconds: float
+    setup_seconds: float  # std_core variants: wall - prefill - select - decode (0 for hf)
     steps: int  # decode positions: generated tokens after the first (max over rows)
     rounds: int  # batch rounds (std_core variants; = steps for dense)
     counts: RowStats  # the rows' decode counts, summed (each row's rounds until it stopped)
@@ -71,7 +93,8 @@ class Sample:
 
     @property
     def other_seconds(self) -> float:
-        """Decode time outside draft and verify forwards (accept, roll back, stop checks, set-up)."""
+        """Decode time outside draft and verify forwards: the rounds' bookkeeping (choosing γ,
+        accepting, rolling back, stop checks)."""
         return max(0.0, self.decode_seconds - self.draft_seconds - self.verify_seconds)
 
 
@@ -81,7 +104,7 @@ def run_variant(
     """Time one ``generate`` call of ``variant`` (``decoders`` maps the std_core variants to decoders)."""
     device = model.device
     with _peak_memory(device) as memory:
-        if variant in STD_VARIANTS:
+        if is_std_core(variant):
             sample = _run_std(variant, decoders[variant], inputs, max_new_tokens, device)
         elif variant in HF_VARIANTS:
             with _env(FORCE_GQA_ENV, "1" if variant == "hf_gqa" else None):
@@ -107,7 +130,8 @@ def _run_std(
         select_seconds=stats.select_seconds,
         draft_seconds=stats.draft_seconds,
         verify_seconds=stats.verify_seconds,
-        decode_seconds=max(0.0, wall - stats.prefill_seconds - stats.select_seconds),
+        decode_seconds=stats.rounds_seconds,
+        setup_seconds=max(0.0, wall - stats.prefill_seconds - stats.select_seconds - stats.rounds_seconds),
         steps=max(row.generated for row in stats.rows) - 1,
         rounds=stats.batch_rounds,
         counts=stats.total,
@@ -165,6 +189,7 @@ def _run_hf(
         draft_seconds=0.0,
         verify_seconds=0.0,
         decode_seconds=end - first,
+        setup_seconds=0.0,
         steps=steps,
         rounds=steps,
         counts=RowStats(

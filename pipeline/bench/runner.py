@@ -62,6 +62,9 @@ class DecoderBenchConfig:
     variants: tuple[Variant, ...] = flag(
         DEFAULT_VARIANTS, "the decoders timed side by side (std_sink, the sink-window draft: on request)"
     )
+    fixed_gammas: tuple[int, ...] = flag(
+        (), "also time fixed-γ StD at these γ (variants std_g<γ>): auto_vs_best then compares with the best"
+    )
     acceptance_profile: float = flag(0.62, "profile for projections", name="acceptance")
     sweep: bool = flag(False, "write <out>/decoder-*.{md,csv,png}")
     out: str = flag("bench-out", "folder for the sweep files")
@@ -130,6 +133,7 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
         padding=config.padding,
         seed=config.seed,
         variants=config.variants,
+        fixed_gammas=config.fixed_gammas,
         acceptance_profile=config.acceptance_profile,
     )
     return [DecoderCase(batch=b, **{key: n}, **common) for n in sizes for b in config.batches]

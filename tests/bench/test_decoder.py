@@ -195,3 +195,22 @@ def test_decoder_flag_choices_fail_in_argparse(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _decoder_config(*argv)
     assert exit_info.value.code == 2
+
+
+def test_fixed_gammas_are_timed_and_auto_is_compared_with_the_best_of_them() -> None:
+    torch.manual_seed(0)
+    model = build_model(PRESETS["kv-bound"], init_std=0.5)
+    case = DecoderCase(
+        batch=2, visual_tokens=192, gamma=3, sparse_budget=48, max_new_tokens=8, repeats=2,
+        variants=("std", "dense", "auto"), fixed_gammas=(1, 2, 3),
+    )  # fmt: skip
+    assert case.timed_variants == ("std", "dense", "auto", "std_g1", "std_g2")  # γ = 3 is std itself
+    record = dataclasses.asdict(run_case(BenchModel(model, "kv-bound"), case))
+    assert record["outputs_equal"] is True
+    timed = dict(item.split(":") for item in record["fixed_gamma_ms_per_token"].split())
+    assert sorted(int(g) for g in timed) == [1, 2, 3] and all(float(ms) > 0 for ms in timed.values())
+    assert record["best_fixed_gamma"] in (1, 2, 3) and record["best_fixed_ms_per_token"] > 0
+    assert record["auto_vs_best"] > 0 and record["setup_ms"] > 0
+    assert 0 < record["draft_bytes_ratio"] < 1 and record["round_overhead_ratio"] >= 0
+    assert record["dense_round_overhead_ms"] >= 0 and record["auto_round_overhead_ms"] >= 0
+    assert _decoder_config("--fixed-gammas", "2", "4").fixed_gammas == (2, 4)

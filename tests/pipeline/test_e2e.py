@@ -63,7 +63,8 @@ def caption_run(bucket: str, model_dir: Path) -> dict:
     """``jobs.caption`` over the manifest of good and bad clips, into S3; what it wrote is read back at
     once, so no test depends on another's order (tests that add rows work on a copy of the output)."""
     argv = ["--input", f"s3://{bucket}/manifest.jsonl", "--output", f"s3://{bucket}/captions", "--model",
-            str(model_dir), "--rows-per-file", "4", *FAST]  # fmt: skip
+            str(model_dir), "--rows-per-file", "4", "--decoder", "std", *FAST]  # fmt: skip
+    # --decoder std: this run checks StD's accounting (auto, the default, decodes this tiny model densely)
     rc = caption.main(argv)
     fs = s3fs.S3FileSystem()
     parts = sorted(fs.glob(f"{bucket}/captions/part-*.parquet"))

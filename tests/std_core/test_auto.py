@@ -17,7 +17,15 @@ from std_core.auto import (
     best_gamma,
     break_even_alpha,
     expected_tokens,
+    verify_sizes,
 )
+
+
+def _phases(costs: StepCosts, gamma: int, scale: float = 1.0) -> dict[str, float]:
+    """A round of γ drafts under ``costs`` as the decoder reports it: its wall, draft and verify seconds."""
+    draft = scale * gamma * costs.draft_step
+    verify = scale * (costs.dense_step if gamma == 0 else costs.verify(gamma + 1))
+    return {"seconds": draft + verify, "draft_seconds": draft, "verify_seconds": verify}
 
 
 def test_expected_tokens() -> None:
@@ -60,12 +68,12 @@ def test_policy_probes_when_it_fell_back_to_dense() -> None:
     costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
     policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.0)
     assert policy.choose() == 0  # the first round measures dense
-    policy.record([], gamma=0, seconds=costs.round_seconds(0))
+    policy.record([], gamma=0, **_phases(costs, 0))
     choices = [policy.choose() for _ in range(40)]
     assert choices.count(0) >= 36 and max(choices) > 0  # mostly dense, with short probes
     accepted_all = [RowStats(3, 1, 2, 2, 0), RowStats(3, 1, 2, 2, 0)]
     for _ in range(20):
-        policy.record(accepted_all, gamma=2, seconds=costs.round_seconds(2))  # probes fully accepted
+        policy.record(accepted_all, gamma=2, **_phases(costs, 2))  # probes fully accepted
     assert policy.choose() >= 6
 
 
@@ -79,33 +87,38 @@ def test_rejected_probes_back_off() -> None:
         if policy.choose() > 0:
             gaps.append(i - last)
             last = i
-            policy.record(rejected, gamma=2, seconds=costs.round_seconds(2))
+            policy.record(rejected, gamma=2, **_phases(costs, 2))
         else:
             policy.record([], gamma=0, seconds=1.0)
     assert gaps[-1] > gaps[0] >= 8  # probes get rarer while they keep failing
 
 
 def test_probe_backoff_carries_over_to_the_next_call_on_the_same_costs() -> None:
+    """The probe interval and the rounds since the last probe belong to the model and shape bucket, not
+    to a call: short calls (a caption's 20 tokens) probe as rarely, and as surely, as long ones."""
     costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
     shared = RoundCosts(costs)
 
-    def probes_in(calls: int, rounds: int, accepted: bool) -> list[int]:
-        counts = []
+    def probe_rounds(calls: int, rounds: int, accepted: bool) -> list[int]:
+        """The rounds (counted over all calls) that probed."""
+        found, counted = [], 0
         outcome = [RowStats(3, 1, 2, 2, 0)] if accepted else [RowStats(1, 1, 2, 0, 1)]
         for _ in range(calls):
-            policy, probes = AutoPolicy(shared, gamma_max=9, prior_alpha=0.0), 0
+            policy = AutoPolicy(shared, gamma_max=9, prior_alpha=0.0)
             for _ in range(rounds):
                 gamma = policy.choose()
-                probes += gamma > 0
-                policy.record(outcome if gamma else [], gamma=gamma, seconds=shared.round_seconds(gamma))
-            counts.append(probes)
-        return counts
+                counted += 1
+                if gamma:
+                    found.append(counted)
+                policy.record(outcome if gamma else [], gamma=gamma, **_phases(costs, gamma))
+        return found
 
-    failing = probes_in(calls=4, rounds=64, accepted=False)
-    assert failing[0] == 2 and failing[-1] == 0  # rounds 16 and 48; later calls wait out the backoff
-    assert shared.probe_every > 64
-    shared.probe_every = 16
-    assert probes_in(calls=1, rounds=64, accepted=True)[0] >= 1
+    failing = probe_rounds(calls=16, rounds=16, accepted=False)  # calls as short as the first interval
+    gaps = [b - a for a, b in zip(failing, failing[1:], strict=False)]
+    assert failing[0] == 17 and gaps == [32, 64, 128], failing  # round 1 measures dense; each failure doubles
+    assert shared.probe_every == 16 * 16  # at most 16x
+    shared.probe_every, shared.since_probe = 16, 0
+    assert len(probe_rounds(calls=4, rounds=16, accepted=True)) >= 1
 
 
 def test_a_probe_with_a_lucky_acceptance_still_backs_off() -> None:
@@ -116,26 +129,28 @@ def test_a_probe_with_a_lucky_acceptance_still_backs_off() -> None:
     lucky = [RowStats(2, 1, 2, 1, 1)] + [RowStats(1, 1, 2, 0, 1)] * 7
     for _ in range(200):
         gamma = policy.choose()
-        policy.record(lucky if gamma else [], gamma=gamma, seconds=shared.round_seconds(gamma))
+        policy.record(lucky if gamma else [], gamma=gamma, **_phases(costs, gamma))
     assert shared.probe_every > 16 and policy.estimate.alpha < 0.2
 
 
 def test_measured_rounds_override_a_wrong_calibration() -> None:
-    """A calibration that made drafts look as dear as dense steps is corrected by measured rounds."""
+    """A calibration that made drafts look as dear as dense steps is corrected by measured rounds: the
+    draft step they measure holds for every γ, not only for those that ran."""
     wrong = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.04)
     true = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
     costs = RoundCosts(wrong)
     assert best_gamma(costs, 0.9, 9) == 0
     for gamma in (0, 2, 4):
-        costs.observe(gamma, true.round_seconds(gamma))
+        costs.observe(gamma, **_phases(true, gamma))
     assert best_gamma(costs, 0.9, 9) >= 4
-    assert costs.round_seconds(4) == true.round_seconds(4)
+    assert costs.round_seconds(4) == pytest.approx(true.round_seconds(4))
+    assert costs.round_seconds(7) == pytest.approx(true.round_seconds(7))  # never ran
 
 
 def test_unmeasured_rounds_scale_with_the_measured_ones() -> None:
     costs = RoundCosts(StepCosts(dense_step=1.0, draft_step=0.1, verify_base=1.0, verify_per_token=0.0))
-    costs.observe(0, 2.0)  # everything runs twice as slow as calibrated (a busy machine)
-    assert costs.round_seconds(3) == 2 * (3 * 0.1 + 1.0)
+    costs.observe(0, seconds=2.0, draft_seconds=0.0, verify_seconds=2.0)  # a busy machine: twice as slow
+    assert costs.round_seconds(3) == pytest.approx(2 * (3 * 0.1 + 1.0))
 
 
 def test_fixed_schedule_keeps_gamma_within_the_limit() -> None:
@@ -155,11 +170,11 @@ def test_auto_schedule_calibrates_once_per_model_and_carries_alpha_over() -> Non
         return costs
 
     first = AutoSchedule.for_model(model, 9, (2, 64, 16), calibrate)
-    assert first.policy.estimate.alpha == pytest.approx(0.6)  # no earlier call: the default prior
+    assert first.policy.estimate.alpha == pytest.approx(0.9)  # no earlier call: the default prior
     assert first.next_gamma(9) == 0  # the first round measures dense
-    first.record(0, [])
+    first.record(0, [], 0.0, 1.0)
     for _ in range(20):
-        first.record(2, [RowStats(3, 1, 2, 2, 0, committed=3)])  # fully accepted rounds
+        first.record(2, [RowStats(3, 1, 2, 2, 0, committed=3)], 0.16, 1.12)  # fully accepted rounds
     first.finish()
     second = AutoSchedule.for_model(model, 9, (2, 64, 16), calibrate)
     assert len(calls) == 1 and second.policy.costs is first.policy.costs
@@ -168,3 +183,100 @@ def test_auto_schedule_calibrates_once_per_model_and_carries_alpha_over() -> Non
     AutoSchedule.for_model(model, 9, (2, 128, 16), calibrate)  # another shape bucket calibrates again
     AutoSchedule.for_model(torch.nn.Linear(2, 2), 9, (2, 64, 16), calibrate)  # so does another model
     assert len(calls) == 3
+
+
+# A CPU-like cost profile (the demo model at 4.6k visual tokens x batch 8, in dense steps): a draft reads
+# a third of a dense step's bytes, and a verify of q tokens costs far more than one dense step.
+CPU_LIKE = StepCosts.from_verifies(
+    dense=1.0, draft=0.4, verifies=[(1, 1.0), (2, 1.25), (3, 1.45), (5, 1.8), (10, 2.7)]
+)
+
+
+def test_verify_costs_follow_the_measured_points() -> None:
+    assert CPU_LIKE.verify(1) == 1.0 and CPU_LIKE.verify(3) == pytest.approx(1.45)
+    assert CPU_LIKE.verify(4) == pytest.approx(1.625)  # between the measured sizes: linear
+    assert CPU_LIKE.verify(12) == pytest.approx(2.7 + 2 * 0.9 / 5)  # past the last: its slope
+    assert (CPU_LIKE.verify_base, CPU_LIKE.verify_per_token) == pytest.approx((1.0 - 1.7 / 9, 1.7 / 9))
+    assert verify_sizes(9) == [2, 3, 5, 10] and verify_sizes(1) == [2] and verify_sizes(3) == [2, 3, 4]
+
+
+def test_auto_picks_gamma_from_the_measured_costs() -> None:
+    """With the CPU's steep verify, the demo model's acceptance makes γ = 3-5 best, not 9; with a flat
+    verify (a GPU's), long rounds win."""
+    assert 3 <= best_gamma(CPU_LIKE, 0.925, 9) <= 5
+    policy = AutoPolicy(RoundCosts(CPU_LIKE), gamma_max=9, prior_alpha=0.925)
+    policy.record([], gamma=0, **_phases(CPU_LIKE, 0))
+    assert policy.choose() == best_gamma(CPU_LIKE, 0.925, 9)
+    flat = StepCosts.from_verifies(dense=1.0, draft=0.3, verifies=[(1, 1.0), (10, 1.1)])
+    assert best_gamma(flat, 0.925, 9) >= 6 > best_gamma(CPU_LIKE, 0.925, 9)
+
+
+def test_dense_rounds_cost_a_counter_not_a_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where dense wins, the policy re-decides only every few rounds: auto's dense rounds must cost what
+    dense mode's cost."""
+    from std_core import auto
+
+    searches = []
+    real = auto.round_rates
+    monkeypatch.setattr(auto, "round_rates", lambda *a: searches.append(1) or real(*a))
+    costs = StepCosts(dense_step=1.0, draft_step=1.0, verify_base=1.0, verify_per_token=0.05)
+    policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.0)
+    gammas = []
+    for _ in range(160):
+        gammas.append(policy.choose())
+        policy.record(
+            [RowStats(1, 1, 2, 0, 1)] if gammas[-1] else [], gamma=gammas[-1], **_phases(costs, gammas[-1])
+        )
+    # one probe measures what a draft really costs (the calibration's is a guess); then dense only
+    assert gammas.count(2) == 1 and gammas[-100:] == [0] * 100
+    assert len(searches) <= 2 * (160 // 8 + 1) + 1  # a decision: at α and at α = 1; the probe's
+
+
+def test_near_equal_choices_do_not_alternate() -> None:
+    """Dense and drafting predicted within a few percent: measured jitter must not flip the choice
+    every decision (each switch to drafting first copies what the sparse cache missed)."""
+    costs = StepCosts(dense_step=1.0, draft_step=0.1, verify_base=1.05, verify_per_token=0.0)
+    shared = RoundCosts(costs)
+    policy = AutoPolicy(shared, gamma_max=1, prior_alpha=0.5)  # γ = 1: 1.5 tokens per 1.15 s vs 1 per 1 s
+    choices = []
+    for i in range(400):
+        gamma = policy.choose()
+        choices.append(gamma)
+        jitter = 1.0 + (0.02 if i % 2 else -0.02)
+        outcome = [RowStats(2, 1, 1, 1, 0)] if i % 2 else [RowStats(1, 1, 1, 0, 1)]  # α stays 0.5
+        policy.record(outcome if gamma else [], gamma=gamma, **_phases(costs, gamma, jitter))
+    switches = sum(a != b for a, b in zip(choices, choices[1:], strict=False))
+    assert switches <= 4, choices
+
+
+def test_a_fully_accepted_probe_switches_to_drafting() -> None:
+    """Drafting wins only at an acceptance near 1 (a draft costs 80% of a dense step) and every draft is
+    accepted: a short probe barely moves the estimate, but its measured progress (3 tokens a round for
+    the rows behind) makes drafting the better choice at once, and longer rounds follow."""
+    costs = StepCosts(dense_step=1.0, draft_step=0.8, verify_base=1.0, verify_per_token=0.0)
+    assert break_even_alpha(costs, 9) > 0.95
+    policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=0.6)
+    gammas = []
+    for _ in range(200):
+        gamma = policy.choose()
+        gammas.append(gamma)
+        accepted = [RowStats(gamma + 1, 1, gamma, gamma, 0, committed=gamma + 1)] if gamma else []
+        policy.record(accepted, gamma=gamma, **_phases(costs, gamma))
+    first = next(i for i, g in enumerate(gammas) if g)
+    assert first == 16 and gammas[first] == 2 and all(gammas[first + 1 : first + 40]), gammas[:60]
+    assert all(g >= 5 for g in gammas[-50:]), gammas[-50:]  # then it drafts every round
+
+
+def test_the_rows_a_batch_waits_for_decide_what_a_round_is_worth() -> None:
+    """The pooled acceptance says long rounds win; but the rows furthest behind commit 2 tokens a round
+    of 6 drafts (the batch waits for them): auto must stop drafting long rounds it measured to be worth
+    little, whatever α says."""
+    policy = AutoPolicy(RoundCosts(CPU_LIKE), gamma_max=9, prior_alpha=0.95)
+    policy.record([], gamma=0, **_phases(CPU_LIKE, 0))
+    first = policy.choose()
+    assert first >= 3
+    behind = [RowStats(2, 1, first, 1, 1, committed=2)]  # the lagging row: one draft, then a rejection
+    for _ in range(3):
+        policy.record(behind, gamma=first, **_phases(CPU_LIKE, first))
+        policy.estimate.update(10 * first, 0)  # the other rows keep the pooled estimate high
+    assert policy.choose() != first

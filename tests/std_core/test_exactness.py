@@ -188,3 +188,111 @@ def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: 
     result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
     tm.assert_same(result.sequences, c.reference)
     assert result.stats.round_gammas[:8] == (0, 0, 3, 0, 0, 0, 5, 1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_auto_drafts_the_gamma_its_measured_costs_favour(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto's γ comes from its calibration (here a CPU-like one, where γ = 4-5 beats 9) and the running
+    acceptance; whichever γ it picks, the output is ``generate``'s."""
+    from std_core import auto
+    from std_core.auto import StepCosts, best_gamma
+
+    cpu_like = StepCosts.from_verifies(1.0, 0.4, [(1, 1.0), (2, 1.25), (3, 1.45), (5, 1.8), (10, 2.7)])
+    c = case(arch)
+    monkeypatch.setattr(decoder_module._Decode, "measure_costs", lambda self: cpu_like)
+    monkeypatch.setitem(auto._ROUND_COSTS, c.tiny.model, {})  # calibrate afresh
+    monkeypatch.setitem(auto._ACCEPTANCE, c.tiny.model, 0.95)  # an earlier batch's acceptance
+    result = c.decode(StdConfig(mode="auto", gamma=9, sparse_budget=10**6))
+    tm.assert_same(result.sequences, c.reference)
+    assert 3 <= best_gamma(cpu_like, 0.95, 9) <= 5  # not 9: the verify's cost grows with its tokens
+    first, decided = result.stats.round_gammas[:2]
+    assert first == 0 and 3 <= decided <= 6, result.stats.round_gammas  # dense measured first; bookkeeping
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every tensor-to-host read (``.tolist()``, ``.item()``, ``.cpu()``, ``bool``/``int``/``float`` of
+    a tensor, ...) made inside the round loop, by name."""
+    reads: list[str] = []
+    inside = [False]
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_round = decoder_module._Decode.round
+
+    def round_(self: decoder_module._Decode) -> None:
+        inside[0] = True
+        try:
+            real_round(self)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(decoder_module._Decode, "round", round_)
+    return reads
+
+
+@pytest.mark.parametrize("mode", ["std", "dense", "auto"])
+def test_one_host_synchronisation_per_round(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafting, verifying, accepting and rolling back stay on the device; each round reads its counts
+    back once (a GPU then waits once per round, not per token or per row)."""
+    c = case("qwen2_5_vl")
+    reads = _count_host_reads(monkeypatch)
+    result = c.decode(StdConfig(mode=mode, gamma=4, sparse_budget=40))
+    tm.assert_same(result.sequences, c.reference)
+    assert reads == ["tolist"] * result.stats.batch_rounds, reads[:20]
+
+
+def test_rounds_reuse_the_preallocated_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decode forward's mask is a view of its cache's one preallocated bias: no round allocates a
+    mask (or anything else) that grows with the cache."""
+    from std_core.kv_cache import SlotCache
+
+    storages: dict[int, set[int]] = {}
+    real = SlotCache.begin_forward
+
+    def begin_forward(self: SlotCache, q: int) -> torch.Tensor:
+        mask = real(self, q)
+        storages.setdefault(id(self), set()).add(mask.untyped_storage().data_ptr())
+        assert mask.untyped_storage().data_ptr() == self.bias.untyped_storage().data_ptr()
+        return mask
+
+    monkeypatch.setattr(SlotCache, "begin_forward", begin_forward)
+    monkeypatch.setattr(SlotCache, "allowed", lambda *a, **k: pytest.fail("a mask built afresh"))
+    c = case("qwen2_vl")
+    result = c.decode(StdConfig(gamma=4, sparse_budget=40))
+    tm.assert_same(result.sequences, c.reference)
+    assert len(storages) == 2 and all(len(ptrs) == 1 for ptrs in storages.values())  # dense, sparse
+
+
+def test_a_users_stopping_criterion_ends_rows_where_generate_ends_them() -> None:
+    """Criteria other than max length and EOS run on the host after each round, per new token, and cut
+    a row exactly where ``generate`` does (here: at a token that occurs mid-caption in some rows)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAt(StoppingCriteria):
+        def __init__(self, token: int) -> None:
+            self.token = token
+
+        def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+            return input_ids[:, -1] == self.token
+
+    c = case("qwen2_vl")
+    generated = c.reference[:, c.prompt_len :]
+    token = int(generated[0, 12])  # row 0's 13th token: some rows stop early, others run on
+    criteria = StoppingCriteriaList([StopAt(token)])
+    reference = c.tiny.model.generate(
+        **c.inputs, max_new_tokens=MAX_NEW, do_sample=False, stopping_criteria=criteria
+    )
+    lengths = [
+        (row != c.tiny.model.generation_config.pad_token_id).sum() for row in reference[:, c.prompt_len :]
+    ]
+    assert min(lengths) < MAX_NEW - 10, lengths
+    for config in (StdConfig(gamma=4, sparse_budget=40), StdConfig(gamma=9, sparse_budget=10**6)):
+        decoder = SparseToDenseDecoder(c.tiny.model, config)
+        result = decoder.generate(**c.inputs, max_new_tokens=MAX_NEW, stopping_criteria=criteria)
+        tm.assert_same(result.sequences, reference)

@@ -7,8 +7,10 @@ import torch
 from std_core.kv_cache import SlotCache
 
 
-def _cache(lengths: list[int], starts: list[int], capacity: int = 12) -> SlotCache:
-    cache = SlotCache(num_layers=1, capacity=capacity)
+def _cache(
+    lengths: list[int], starts: list[int], capacity: int = 12, max_query: int = 3, groups: int = 1
+) -> SlotCache:
+    cache = SlotCache(num_layers=1, capacity=capacity, max_query=max_query, groups=groups)
     layer = cache.layers[0]
     layer.lazy_initialization(torch.zeros(len(lengths), 1, 0, 2), torch.zeros(len(lengths), 1, 0, 2))
     cache.reset_rows(torch.tensor(starts), torch.tensor(lengths))
@@ -16,12 +18,13 @@ def _cache(lengths: list[int], starts: list[int], capacity: int = 12) -> SlotCac
 
 
 def _step(cache: SlotCache, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``values [B, q]`` (as keys [B, 1, q, 2]) and return the mask and the readable keys."""
-    mask = cache.begin_forward(values.shape[1], groups=1)
+    """Write ``values [B, q]`` (as keys [B, 1, q, 2]); return the mask (True: may attend) and keys."""
+    bias = cache.begin_forward(values.shape[1])
+    assert bias.dtype == torch.float32 and set(bias.unique().tolist()) <= {0.0, float("-inf")}
     states = values[:, None, :, None].expand(-1, -1, -1, 2).float()
     keys, _ = cache.update(states, states.clone(), 0)
     cache.end_forward(values.shape[1])
-    return mask, keys
+    return bias == 0, keys
 
 
 def test_rows_write_at_their_own_lengths_and_masks_hide_the_rest() -> None:
@@ -46,10 +49,45 @@ def test_commit_keeps_a_prefix_per_row_and_rolls_back_the_rest() -> None:
 
 
 def test_group_tiling_of_the_mask() -> None:
-    cache = _cache(lengths=[2], starts=[0])
-    mask = cache.begin_forward(2, groups=3)
+    cache = _cache(lengths=[2], starts=[0], groups=3)
+    mask = cache.begin_forward(2)
     assert mask.shape == (1, 1, 6, 4)
     assert torch.equal(mask[0, 0, 0:2], mask[0, 0, 2:4]) and torch.equal(mask[0, 0, 0:2], mask[0, 0, 4:6])
+    assert torch.equal(mask == 0, cache.allowed(2, groups=3))
+
+
+def test_the_mask_is_a_view_of_one_preallocated_buffer() -> None:
+    """A decode forward's mask is a slice of the cache's own bias: no round allocates one that grows
+    with the cache."""
+    cache = _cache(lengths=[4, 6], starts=[1, 0], capacity=40, groups=2)
+    buffer = cache.begin_forward(1).untyped_storage().data_ptr()
+    for q in (1, 3, 2, 1):
+        mask, _ = _step(cache, torch.arange(2 * q).reshape(2, q))
+        assert cache.bias.untyped_storage().data_ptr() == buffer
+        cache.commit(torch.tensor([q, 1]), [q, 1])
+    assert cache.begin_forward(3).untyped_storage().data_ptr() == buffer
+
+
+def test_the_mask_after_rounds_of_ragged_commits_equals_one_built_afresh() -> None:
+    """Rounds of forwards of different sizes, each rolled back by a different amount per row (the
+    decoder's drafts, verifies and dense steps), leave exactly the mask of the rows' new ranges."""
+    generator = torch.Generator().manual_seed(0)
+    cache = _cache(lengths=[5, 9, 7], starts=[2, 0, 4], capacity=64, max_query=4, groups=3)
+    for _ in range(12):
+        count = int(torch.randint(1, 3, (1,), generator=generator))  # one verify, or drafts
+        forwards = [int(q) for q in torch.randint(1, 3, (count,), generator=generator)]
+        for q in forwards:
+            expected = cache.allowed(q, groups=3)
+            mask, _ = _step(cache, torch.zeros(3, q))
+            assert torch.equal(mask, expected), (forwards, q)
+        keep = [int(torch.randint(0, cache.pending + 1, (1,), generator=generator)) for _ in range(3)]
+        cache.commit(torch.tensor(keep), keep)
+        slots = torch.arange(cache.bias.shape[-1])[None]  # the capacity, padded to a multiple of 16
+        valid = (slots >= cache.starts[:, None]) & (slots < cache.lengths[:, None])  # [B, slots]
+        seen = cache.bias[:, 0] == 0  # [B, rows, slots]: every row sees the valid slots, ...
+        assert torch.equal(seen & valid[:, None], valid[:, None].expand_as(seen)), keep
+        beyond = slots > cache.lengths[:, None]  # ... and nothing past lengths[b] (the next write)
+        assert not (seen & beyond[:, None]).any(), keep
 
 
 def test_adopt_tentative_copies_the_other_caches_window() -> None:
@@ -80,8 +118,9 @@ def test_append_from_catches_rows_up_by_their_own_counts() -> None:
     dense = _cache(lengths=[7, 9], starts=[0, 0], capacity=12)
     dense.layers[0].keys[:, 0, :, 0] = torch.arange(12).float()[None] + torch.tensor([[100.0], [200.0]])
     sparse = _cache(lengths=[3, 4], starts=[0, 0], capacity=8)
-    sparse.append_from(dense, [2, 0])
+    sparse.append_from(dense, torch.tensor([2, 0]), [2, 0])
     keys = sparse.layers[0].keys[:, 0, :, 0]
     assert keys[0, 3:5].tolist() == [105.0, 106.0]  # dense row 0's last two committed slots
     assert keys[1, 4].item() == 0.0  # row 1 appended nothing (its window went to the spare slot)
     assert sparse.lengths.tolist() == [5, 4]
+    assert torch.equal(sparse.begin_forward(1) == 0, sparse.allowed(1, groups=1))
