@@ -62,6 +62,7 @@ __all__ = [  # the cost model lives in std_core.costs; its names are auto's voca
 
 _PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
 _DEFAULT_ALPHA = 0.9  # the prior of a model's first call: the paper's acceptance profile (62% at γ = 9)
+_MAX_PROBE_EVERY = 16 * PROBE_EVERY  # the longest interval between probes (rounds, across calls)
 _REDECIDE_EVERY = 8  # dense rounds between two decisions (drafted rounds re-decide at once)
 _SWITCH_MARGIN = 0.015  # another γ must be predicted this much faster to replace the current one
 # ... and drafting this much faster than dense to replace dense: the cost model's error on a CPU
@@ -96,8 +97,11 @@ class AutoPolicy:
     guess, a short probe round re-measures acceptance, progress and the draft step every
     ``costs.probe_every`` dense rounds (counted across calls); the interval doubles after every probe
     that leaves dense the better choice (up to 16×) and resets after one that makes drafting the
-    better choice. Decisions are re-made lazily (see the module docstring), so a dense round costs a
-    counter, not a search.
+    better choice. Where drafting cannot win even at α = 1 by the current costs, it still probes, at
+    the longest interval (``_MAX_PROBE_EVERY`` rounds, under 1% of a dense decode): those costs are
+    measurements, and one taken during a burst of load on a shared machine (a draft step measured at
+    three dense steps) must not keep a bucket dense for the life of the process. Decisions are re-made
+    lazily (see the module docstring), so a dense round costs a counter, not a search.
     """
 
     def __init__(self, costs: RoundCosts, gamma_max: int, prior_alpha: float) -> None:
@@ -116,9 +120,10 @@ class AutoPolicy:
         if self._stale or self._since >= _REDECIDE_EVERY:
             self._decide()
         self._since += 1
-        if self.gamma == 0 and self.can_win:
+        if self.gamma == 0:
             self.costs.since_probe += 1  # counted across calls: short calls probe as often as long ones
-            if self.costs.since_probe >= self.costs.probe_every:
+            interval = self.costs.probe_every if self.can_win else _MAX_PROBE_EVERY
+            if self.costs.since_probe >= interval:
                 self.costs.since_probe, self._probing = 0, True
                 return min(PROBE_GAMMA, self.gamma_max)
         return self.gamma
@@ -156,7 +161,7 @@ class AutoPolicy:
             # batch accepted a draft by chance, or every draft (where a draft costs what a dense step does)
             rates = round_rates(self.costs, self.estimate.alpha, self.gamma_max)
             switches = max(rates[1:]) > rates[0] * (1 + _DRAFT_MARGIN)
-            backed_off = min(16 * PROBE_EVERY, 2 * self.costs.probe_every)
+            backed_off = min(_MAX_PROBE_EVERY, 2 * self.costs.probe_every)
             self.costs.probe_every = PROBE_EVERY if switches else backed_off
 
 

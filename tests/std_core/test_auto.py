@@ -280,3 +280,24 @@ def test_the_rows_a_batch_waits_for_decide_what_a_round_is_worth() -> None:
         policy.record(behind, gamma=first, **_phases(CPU_LIKE, first))
         policy.estimate.update(10 * first, 0)  # the other rows keep the pooled estimate high
     assert policy.choose() != first
+
+
+def test_costs_measured_under_a_burst_of_load_are_measured_again() -> None:
+    """A probe that measured a draft step at three dense steps (a shared machine's burst of load) makes
+    drafting look hopeless even at α = 1; auto still probes, at the longest interval, and drafts again
+    once probes measure the real cost."""
+    costs = StepCosts(dense_step=1.0, draft_step=0.08, verify_base=1.0, verify_per_token=0.04)
+    burst = StepCosts(dense_step=1.0, draft_step=3.0, verify_base=1.0, verify_per_token=0.04)
+    policy = AutoPolicy(RoundCosts(costs), gamma_max=9, prior_alpha=1.0)
+    gammas: list[int] = []
+    for _ in range(1200):
+        gamma = policy.choose()
+        measured = burst if not any(gammas) else costs  # only the first drafted round is in the burst
+        gammas.append(gamma)
+        outcome = [RowStats(gamma + 1, 1, gamma, gamma, 0)] if gamma else []  # every draft accepted
+        policy.record(outcome, gamma=gamma, **_phases(measured, gamma))
+    drafted = [i for i, g in enumerate(gammas) if g]
+    assert gammas[1] == 9 and gammas[2:40] == [0] * 38, gammas[:40]  # the burst made drafting look hopeless
+    probes = [i for i in drafted if gammas[i] == 2]
+    assert probes and probes[0] - 1 == 16 * 16, probes  # still probed, at the longest interval
+    assert sum(1 for g in gammas[probes[-1] :] if g > 2) > 100  # and drafts again once measured anew
