@@ -12,7 +12,10 @@ Outside :func:`attention_phase` the registered function is the original implemen
   optional observer sees every layer's post-RoPE queries and keys (text-guided selection);
 - ``"decode"``: grouped-query SDPA over the cache prefix with the decoder's explicit mask. Query heads
   are folded onto their KV head (``[B, H, q, D] -> [B, KVH, G*q, D]``), so keys and values are read
-  once per KV head, never repeated per query head, whatever the mask.
+  once per KV head, never repeated per query head, whatever the mask. Inside :func:`shared_prefix`
+  the decode phase instead hands every layer's attention to a :class:`PrefixAttention` (the dense
+  cache of a shared prefill, whose rows attend to a prefix stored once per video plus their own slots,
+  see :mod:`std_core.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,36 @@ class _Phase:
 
 
 _PHASE: ContextVar[_Phase | None] = ContextVar("std_attention_phase", default=None)
+
+
+class PrefixAttention(Protocol):
+    """Attention of a decode-phase forward whose keys are not all in the cache's own slots."""
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """query ``[B, H, q, D]``, the own slots' key/value ``[B, KVH, L, D]`` and their mask
+        ``[B, 1, G*q, L]`` (as :func:`grouped_attention` takes them); returns ``[B, q, H, D]``."""
+        ...
+
+
+_PREFIX: ContextVar[PrefixAttention | None] = ContextVar("std_attention_prefix", default=None)
+
+
+@contextlib.contextmanager
+def shared_prefix(prefix: PrefixAttention | None) -> Iterator[None]:
+    """Inside this block, decode-phase attention is ``prefix.attend`` (None: the plain grouped SDPA)."""
+    token = _PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _PREFIX.reset(token)
 
 
 @contextlib.contextmanager
@@ -97,6 +131,9 @@ def _make_attention(original: str) -> Callable:
         if phase is None or phase.name == "prefill":
             fn = _original_function(module, original)
             return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        prefix = _PREFIX.get()
+        if prefix is not None:
+            return prefix.attend(module.layer_idx, query, key, value, attention_mask, scale), None
         return grouped_attention(query, key, value, attention_mask, scale), None
 
     std_attention.__name__ = f"{PREFIX}{original}_attention"

@@ -219,7 +219,11 @@ class _Decode:
             kept = index[0].shape[-1]
             capacity = kept + self.stop.max_new_tokens + self.gamma + 1
             # drafts write one token per forward
-            return SlotCache.gathered(self.dense, index, starts, capacity, groups=self.spec.groups)
+            return self.gather_sparse(index, starts, capacity)
+
+    def gather_sparse(self, index: list[torch.Tensor], starts: torch.Tensor, capacity: int) -> SlotCache:
+        """The sparse cache of the kept slots ``index[layer]`` of the dense cache."""
+        return SlotCache.gathered(self.dense, index, starts, capacity, groups=self.spec.groups)
 
     def first_token(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Commit every row's first token (from the prefill logits); returns it ``[B]``."""

@@ -6,15 +6,21 @@ own *suffix* (question text + assistant header). :func:`generate_shared` runs
 
 1. **once per video**: the vision tower and the dense prefill of the prefix (batch 1, the model's own
    attention), exactly as the first part of the full prompt's prefill;
-2. **once for all questions**: every video's prefix KV is copied into the rows of the batch's dense
-   :class:`~std_core.kv_cache.SlotCache` (one gather), then one dense forward prefills every row's
-   suffix against its prefix. Row b's slots: prefix ``[0, P_b)``, suffix ``[P_b, P_b + S_b)``;
-   suffixes are right padded in the forward and the padding is rolled back at once;
+2. **once for all questions**: the batch's dense cache is a
+   :class:`~std_core.prefix_cache.SharedPrefixCache`: it keeps every video's prefix KV where its
+   prefill wrote it (once per video) and gives each question a row of its own slots. One forward
+   prefills every row's suffix into its own slots, attending to its video's prefix and its own causal
+   suffix (two attention parts merged exactly by log-sum-exp, the video's questions' queries stacked
+   against its one prefix). Suffixes are right padded in the forward and the padding is rolled back
+   at once. Selection and the draft address row b's prompt in *virtual* slots: prefix ``[0, P_b)``,
+   suffix ``[P_b, P_b + S_b)``;
 3. **per question**: its own top-K visual selection per layer and KV head, from its own text queries
    (:class:`~std_core.selection.SharedPrefixObserver`: the prefix's score queries plus the question's,
    exactly the tokens that score the visual keys in the full prompt);
 4. the rounds of draft / verify / accept / roll back of :class:`~std_core.decoder.SparseToDenseDecoder`,
-   unchanged, every question a row with its own acceptance.
+   every question a row with its own acceptance. The draft's sparse cache is gathered once from the
+   prefix storage and the own slots; verifies and dense rounds attend to prefix + own slots as the
+   suffixes' prefill did (:func:`std_core.attention.shared_prefix`).
 
 Positions: every question's M-RoPE (or 1-D) positions are ``generate``'s own for its full prompt
 (``_prepare_position_ids_for_generation``, Qwen's ``get_rope_index``); the prefix and suffix
@@ -25,11 +31,16 @@ prefix and suffix forwards reduce in a different order than one forward over the
 bf16/fp16 a near-tie may flip; :func:`std_core.first_divergence` on that question's full prompt
 reports the dense logit margin there.
 
-Memory: the prefix KV is computed once per video but each question's row holds a copy of it (the
-dense cache is ``[Q, KVH, max P + S + new, D]`` per layer, as Q separate rows would be), so a call
-needs about ``Q × (P + S + max_new_tokens) × KV bytes per token`` plus one prefix's prefill
-activations. A caller bounds it by passing at most ``n`` questions per call (chunks of a video's
-questions, each chunk re-running that video's prefix once).
+Memory: the dense cache holds, per layer, each video's prefix once (``[1, KVH, P_v + 1, D]``, the
+prefill's own buffer) and ``[Q, KVH, max S + max_new_tokens + γ + 1, D]`` of own slots, so a call
+needs about ``(Σ_v P_v + Q × (S + max_new_tokens)) × KV bytes per token``, plus the sparse cache
+(``Q × budget``), one prefix's prefill activations, and transient fp32 attention scores of at most
+64 MiB per chunk of rows (``std_core.prefix_cache._ATTEND_CHUNK_BYTES``). ``copy_prefix=True`` keeps
+the earlier layout, a copy of the video's prefix in every question's row (``Q × (P + S +
+max_new_tokens)``, as Q separate rows would hold), for measuring and as a fallback. A caller still
+bounds a call by passing at most ``n`` questions (chunks of a video's questions, each chunk re-running
+that video's prefix once); with the shared layout a chunk's dense cache grows by a question's own
+slots, not by a prefix.
 """
 
 from __future__ import annotations
@@ -40,10 +51,12 @@ from dataclasses import dataclass
 
 import torch
 
-from std_core.attention import attention_phase
+from std_core.attention import attention_phase, shared_prefix
+from std_core.auto import AutoSchedule, RoundSchedule, shape_bucket
 from std_core.decoder import GenerateResult, SparseToDenseDecoder, _CustomGenerate, _Decode
 from std_core.kv_cache import SlotCache
 from std_core.models import ModelSpec
+from std_core.prefix_cache import NoCopyPrefixObserver, SharedPrefixCache
 from std_core.selection import PromptLayout, SharedPrefixObserver
 from std_core.validation import validate_generate_inputs
 
@@ -88,6 +101,7 @@ def generate_shared(
     *,
     max_new_tokens: int | None = None,
     generator: torch.Generator | None = None,
+    copy_prefix: bool = False,
     **generation_kwargs: object,
 ) -> GenerateResult:
     """Decode every question of every video with one prefill of each video (see the module docstring).
@@ -99,7 +113,10 @@ def generate_shared(
     to the end of its visual tokens and continue with text only. Returns ``sequences [Q, L + new]``
     (rows video by video, question by question), laid out as ``model.generate`` returns a left-padded
     batch of the full prompts, with per-row :class:`~std_core.stats.DecodeStats`. ``generation_kwargs``
-    go to ``generate`` (``do_sample``, ``temperature``, ``eos_token_id``, ...).
+    go to ``generate`` (``do_sample``, ``temperature``, ``eos_token_id``, ...). The dense cache holds
+    each video's prefix once (:class:`~std_core.prefix_cache.SharedPrefixCache`); ``copy_prefix=True``
+    copies it into every question's row instead (the earlier layout, kept for measuring and as a
+    fallback).
     """
     model = decoder.model
     pad = generation_kwargs.get("pad_token_id", model.generation_config.pad_token_id)
@@ -115,7 +132,7 @@ def generate_shared(
             input_ids=prompt.input_ids,
             attention_mask=prompt.attention_mask,
             position_ids=prompt.position_ids,
-            custom_generate=_SharedGenerate(decoder, generator, prompt=prompt),
+            custom_generate=_SharedGenerate(decoder, generator, prompt=prompt, copy_prefix=copy_prefix),
             **generation_kwargs,
         )
 
@@ -241,6 +258,7 @@ class _SharedGenerate(_CustomGenerate):
     """The ``custom_generate`` callable of :func:`generate_shared`."""
 
     prompt: SharedPrompt | None = None
+    copy_prefix: bool = False  # the dense cache copies each video's prefix into its questions' rows
 
     def __call__(
         self,
@@ -262,6 +280,7 @@ class _SharedDecode(_Decode):
 
     def __init__(self, call: _SharedGenerate, *args: object) -> None:
         self.prompt: SharedPrompt = call.prompt
+        self.copy_prefix = call.copy_prefix
         super().__init__(call, *args)
 
     def prompt_layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
@@ -273,18 +292,21 @@ class _SharedDecode(_Decode):
         )
 
     def selection_observer(self) -> SharedPrefixObserver:
-        return SharedPrefixObserver(
-            self.layout, self.prompt.prefix_lengths, self.prompt.video_of_row, self.timer
-        )
+        observer = SharedPrefixObserver if self.copy_prefix else NoCopyPrefixObserver
+        return observer(self.layout, self.prompt.prefix_lengths, self.prompt.video_of_row, self.timer)
 
     def prefill(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Each video's prefix once, then every suffix; returns each row's last-token logits [Q, 1, V]."""
         with self.timer.phase("prefill"):
             prefixes = [self.prefill_prefix(v) for v in range(len(self.prompt.prefix_ids))]
             rows, dense = self.prompt.video_of_row, self.dense
-            self.dense = SlotCache.from_prefixes(
-                prefixes, rows, dense.capacity, dense.max_query, dense.groups
-            )
+            if self.copy_prefix:
+                self.dense = SlotCache.from_prefixes(
+                    prefixes, rows, dense.capacity, dense.max_query, dense.groups
+                )
+            else:  # own slots: the suffix, the new tokens and one verify, as the copy's past the prefix
+                own = self.prompt.suffix_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1
+                self.dense = SharedPrefixCache(prefixes, rows, own, dense.max_query, dense.groups)
             del prefixes
             return self.prefill_suffixes()
 
@@ -308,15 +330,22 @@ class _SharedDecode(_Decode):
         return cache
 
     def prefill_suffixes(self) -> torch.Tensor:
-        """One dense forward of every row's suffix against its prefix; the padding is rolled back."""
+        """One dense forward of every row's suffix against its prefix; the padding is rolled back.
+
+        Copying cache: the model's own attention over each row's copied prefix + causal suffix. Shared
+        prefix: StD's attention (:meth:`SharedPrefixCache.attend`) over the video's prefix + the row's
+        own causal suffix slots, query heads grouped as in a verify."""
         prompt, dense = self.prompt, self.dense
         width = prompt.suffix_ids.shape[1]
-        allowed = dense.allowed(width, groups=1)  # [Q, 1, S, max P + S]: prefix + causal suffix
+        shared = isinstance(dense, SharedPrefixCache)
+        # [Q, 1, (G ·) S, slots]: copy: prefix + causal suffix; shared: the causal suffix (own slots)
+        allowed = dense.allowed(width, groups=self.spec.groups if shared else 1)
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask.masked_fill(~allowed, float("-inf") if shared else torch.finfo(dtype).min)
         observer = None if self.observer is None else self.observer.suffix
-        with attention_phase("prefill", observer):
+        phase = "decode" if shared else "prefill"
+        with attention_phase(phase, observer), shared_prefix(dense if shared else None):
             logits = self.model(
                 input_ids=prompt.suffix_ids,
                 attention_mask=mask,
@@ -329,3 +358,22 @@ class _SharedDecode(_Decode):
         lengths = torch.tensor(prompt.suffix_lengths, device=logits.device)
         dense.commit(lengths, prompt.suffix_lengths)
         return logits[torch.arange(len(lengths), device=logits.device), lengths - 1][:, None]
+
+    def gather_sparse(self, index: list[torch.Tensor], starts: torch.Tensor, capacity: int) -> SlotCache:
+        """The draft's kept slots, from the shared prefix storage and the own slots (no-copy cache)."""
+        if isinstance(self.dense, SharedPrefixCache):
+            return self.dense.gather_kept(index, starts, capacity, groups=self.spec.groups)
+        return super().gather_sparse(index, starts, capacity)
+
+    def forward(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
+        """A decode forward; over the no-copy dense cache its attention reads the shared prefix too."""
+        with shared_prefix(cache if isinstance(cache, SharedPrefixCache) else None):
+            return super().forward(cache, tokens)
+
+    def round_schedule(self, calibrating: bool) -> RoundSchedule:
+        """As the decoder's, but auto's cost bucket counts the keys a dense row reads (prefix + own
+        slots), not the own slots alone."""
+        if self.config.mode != "auto" or calibrating or not isinstance(self.dense, SharedPrefixCache):
+            return super().round_schedule(calibrating)
+        bucket = shape_bucket(len(self.pending), self.dense.attended_length(), self.sparse.max_cursor())
+        return AutoSchedule.for_model(self.model, self.gamma, bucket, calibrate=self.measure_costs)

@@ -7,6 +7,11 @@ token for token, each oracle row, laid out as ``generate`` lays out a left-padde
 prompts. The questions have different lengths and the tiny models' outputs differ across them
 (asserted), so a question decoded against the wrong suffix, positions or prefix fails.
 
+Memory layout: by default the dense cache holds each video's prefix once and per question only its
+own slots (:class:`~std_core.prefix_cache.SharedPrefixCache`, attention merged across the two parts);
+``copy_prefix=True`` is the copying layout, kept as a fallback. Both are held to the same oracle, and
+the default's dense cache bytes are checked against the no-copy layout's size.
+
 Numerics: exact in fp32. In bf16/fp16 the split prefill (prefix, then suffix) reduces in a different
 order than one forward over the prompt, so a near-tie may flip; ``first_divergence`` on the
 question's full prompt reports the dense margin there (used below on an exact row).
@@ -19,7 +24,7 @@ import torch
 
 from std_core import SparseToDenseDecoder, StdConfig, first_divergence, generate_shared
 from std_core import decoder as decoder_module
-from std_core.shared_prefill import _SharedDecode
+from std_core.shared_prefill import _SharedDecode, split_prompts
 from tests import tiny_models as tm
 
 MAX_NEW = 24
@@ -56,15 +61,18 @@ class Case:
         ]
 
     def shared(
-        self, config: StdConfig, videos: list[int]
+        self, config: StdConfig, videos: list[int], copy_prefix: bool = False
     ) -> tuple[decoder_module.GenerateResult, torch.Tensor]:
         """generate_shared over ``videos`` (pixels only in each video's first question) and the
         expected ``sequences``: the oracle rows, laid out as a left-padded ``generate`` batch."""
-        groups = [[self.questions[v][0]] + [_tokens_only(q) for q in self.questions[v][1:]] for v in videos]
+        groups = self.groups(videos)
         decoder = SparseToDenseDecoder(self.tiny.model, config)
-        result = generate_shared(decoder, groups, max_new_tokens=MAX_NEW)
+        result = generate_shared(decoder, groups, max_new_tokens=MAX_NEW, copy_prefix=copy_prefix)
         rows = [(q, r) for v in videos for q, r in zip(self.questions[v], self.references[v], strict=True)]
         return result, _expected(rows, self.pad)
+
+    def groups(self, videos: list[int]) -> list[list[dict]]:
+        return [[self.questions[v][0]] + [_tokens_only(q) for q in self.questions[v][1:]] for v in videos]
 
 
 def _tokens_only(question: dict) -> dict:
@@ -106,7 +114,7 @@ def test_reference_outputs_differ_across_questions(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
-@pytest.mark.parametrize("mode", ["std", "dense"])
+@pytest.mark.parametrize("mode", ["std", "dense", "auto"])
 def test_shared_prefill_equals_generate_per_question(arch: str, mode: str) -> None:
     c = case(arch)
     result, expected = c.shared(StdConfig(mode=mode, gamma=4, sparse_budget=SMALL_BUDGET), videos=[0])
@@ -118,11 +126,68 @@ def test_shared_prefill_equals_generate_per_question(arch: str, mode: str) -> No
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
-def test_several_videos_with_several_questions_in_one_batch(arch: str) -> None:
+@pytest.mark.parametrize("mode", ["std", "dense", "auto"])
+@pytest.mark.parametrize("copy_prefix", [False, True], ids=["shared-prefix", "copied-prefix"])
+def test_several_videos_with_several_questions_in_one_batch(arch: str, mode: str, copy_prefix: bool) -> None:
     c = case(arch)
-    result, expected = c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
+    config = StdConfig(mode=mode, gamma=4, sparse_budget=SMALL_BUDGET)
+    result, expected = c.shared(config, videos=[0, 1], copy_prefix=copy_prefix)
     tm.assert_same(result.sequences, expected)
     assert result.stats.visual_tokens[0] != result.stats.visual_tokens[-1]  # rows of both videos
+    layout = _no_copy_bytes(c, [0, 1], config)
+    assert (result.stats.dense_cache_bytes == layout) != copy_prefix, "the layout asked for"
+
+
+def _no_copy_bytes(c: Case, videos: list[int], config: StdConfig) -> int:
+    """Dense cache bytes of the no-copy layout: every video's prefix once (its prefill buffer, one
+    spare slot) plus, per question, its own slots (the longest suffix + new tokens + one verify)."""
+    spec = decoder_module.inspect_model(c.tiny.model)
+    prompt = split_prompts(c.tiny.model, spec, c.groups(videos), c.pad)
+    gamma = 0 if config.mode == "dense" else config.gamma
+    own = prompt.suffix_ids.shape[1] + MAX_NEW + gamma + 1
+    slots = sum(p.shape[1] + 1 for p in prompt.prefix_ids) + len(prompt.suffix_lengths) * own
+    return slots * _slot_bytes(c)
+
+
+def _slot_bytes(c: Case) -> int:
+    """Dense KV bytes of one slot: keys and values of every layer, fp32."""
+    spec = decoder_module.inspect_model(c.tiny.model)
+    text = c.tiny.model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // spec.num_heads
+    return spec.num_layers * 2 * spec.num_kv_heads * head_dim * 4
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_the_dense_cache_holds_one_prefix_per_video(arch: str) -> None:
+    """Memory: the no-copy dense cache is smaller than the copying one and than one batch of the full
+    prompts (``--share-prefill off``), and one more question adds only its own slots, never a prefix."""
+    c = case(arch)
+    config = StdConfig(gamma=4, sparse_budget=SMALL_BUDGET)
+    decoder = SparseToDenseDecoder(c.tiny.model, config)
+    shared = generate_shared(decoder, c.groups([0]), max_new_tokens=MAX_NEW).stats.dense_cache_bytes
+    copied = generate_shared(decoder, c.groups([0]), max_new_tokens=MAX_NEW, copy_prefix=True)
+    video = tm.random_video(*VIDEOS[arch][0], seed=0)
+    unshared = decoder.generate(**tm.make_inputs(c.tiny, [video] * len(QUESTIONS), QUESTIONS),
+                                max_new_tokens=MAX_NEW).stats.dense_cache_bytes  # fmt: skip
+    assert shared == _no_copy_bytes(c, [0], config)
+    assert 2 * shared < copied.stats.dense_cache_bytes <= unshared
+    fewer = generate_shared(decoder, [c.groups([0])[0][:-1]], max_new_tokens=MAX_NEW).stats.dense_cache_bytes
+    prefix = split_prompts(c.tiny.model, decoder.spec, c.groups([0]), c.pad).prefix_ids[0].shape[1]
+    assert 0 < shared - fewer < prefix * _slot_bytes(c), "a question must cost less than a prefix"
+
+
+def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto over the no-copy cache: dense-only rounds leave the sparse cache behind, draft rounds
+    first copy the missed tokens from the dense cache's own slots; any sequence of choices gives the
+    oracle's tokens."""
+    from std_core.auto import AutoPolicy
+
+    pattern = iter([0, 0, 3, 0, 0, 0, 4, 1, 0, 2] * 10)
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self: next(pattern))
+    c = case("qwen2_5_vl")
+    result, expected = c.shared(StdConfig(mode="auto", gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
+    tm.assert_same(result.sequences, expected)
+    assert result.stats.round_gammas[:8] == (0, 0, 3, 0, 0, 0, 4, 1)
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
