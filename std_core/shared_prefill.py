@@ -331,6 +331,8 @@ class _SharedDecode(_Decode):
 
     def prefill_suffixes(self) -> torch.Tensor:
         """One dense forward of every row's suffix against its prefix; the padding is rolled back.
+        Only each row's last suffix token is projected onto the vocabulary (``[Q, 1, V]``, not
+        ``[Q, S, V]``).
 
         Copying cache: the model's own attention over each row's copied prefix + causal suffix. Shared
         prefix: StD's attention (:meth:`SharedPrefixCache.attend`) over the video's prefix + the row's
@@ -345,6 +347,7 @@ class _SharedDecode(_Decode):
         mask = mask.masked_fill(~allowed, float("-inf") if shared else torch.finfo(dtype).min)
         observer = None if self.observer is None else self.observer.suffix
         phase = "decode" if shared else "prefill"
+        lengths = torch.tensor(prompt.suffix_lengths, device=mask.device)
         with attention_phase(phase, observer), shared_prefix(dense if shared else None):
             logits = self.model(
                 input_ids=prompt.suffix_ids,
@@ -353,11 +356,11 @@ class _SharedDecode(_Decode):
                 past_key_values=dense,
                 use_cache=True,
                 return_dict=True,
+                logits_to_keep=(lengths - 1)[:, None],  # [Q, 1]: each row's last suffix token only
             ).logits
         dense.end_forward(width)
-        lengths = torch.tensor(prompt.suffix_lengths, device=logits.device)
         dense.commit(lengths, prompt.suffix_lengths)
-        return logits[torch.arange(len(lengths), device=logits.device), lengths - 1][:, None]
+        return logits
 
     def gather_sparse(self, index: list[torch.Tensor], starts: torch.Tensor, capacity: int) -> SlotCache:
         """The draft's kept slots, from the shared prefix storage and the own slots (no-copy cache)."""

@@ -146,13 +146,13 @@ def _no_copy_bytes(c: Case, videos: list[int], config: StdConfig) -> int:
     gamma = 0 if config.mode == "dense" else config.gamma
     own = prompt.suffix_ids.shape[1] + MAX_NEW + gamma + 1
     slots = sum(p.shape[1] + 1 for p in prompt.prefix_ids) + len(prompt.suffix_lengths) * own
-    return slots * _slot_bytes(c)
+    return slots * _slot_bytes(c.tiny.model)
 
 
-def _slot_bytes(c: Case) -> int:
+def _slot_bytes(model: torch.nn.Module) -> int:
     """Dense KV bytes of one slot: keys and values of every layer, fp32."""
-    spec = decoder_module.inspect_model(c.tiny.model)
-    text = c.tiny.model.config.text_config
+    spec = decoder_module.inspect_model(model)
+    text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // spec.num_heads
     return spec.num_layers * 2 * spec.num_kv_heads * head_dim * 4
 
@@ -173,7 +173,7 @@ def test_the_dense_cache_holds_one_prefix_per_video(arch: str) -> None:
     assert 2 * shared < copied.stats.dense_cache_bytes <= unshared
     fewer = generate_shared(decoder, [c.groups([0])[0][:-1]], max_new_tokens=MAX_NEW).stats.dense_cache_bytes
     prefix = split_prompts(c.tiny.model, decoder.spec, c.groups([0]), c.pad).prefix_ids[0].shape[1]
-    assert 0 < shared - fewer < prefix * _slot_bytes(c), "a question must cost less than a prefix"
+    assert 0 < shared - fewer < prefix * _slot_bytes(c.tiny.model), "a question must cost less than a prefix"
 
 
 def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,6 +296,10 @@ def test_shared_prefill_samples_the_dense_joint_distribution() -> None:
     result = generate_shared(decoder, [questions], max_new_tokens=steps, do_sample=True, **JOINT_WARP,
                              generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert result.stats.total.drafted > 0 and result.stats.total.acceptance_rate < 1.0
+    split = split_prompts(decoder.model, decoder.spec, [questions], pad_token_id=0)
+    own = split.suffix_ids.shape[1] + steps + decoder.config.gamma + 1  # the no-copy layout's rows
+    slots = split.prefix_ids[0].shape[1] + 1 + trials * own
+    assert result.stats.dense_cache_bytes == slots * _slot_bytes(decoder.model)
     tv = total_variation(result.sequences[:, -steps:], exact)
     assert tv < 0.06, (
         f"total variation {tv:.3f} between shared-prefill samples and the exact dense distribution"
