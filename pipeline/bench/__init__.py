@@ -10,7 +10,9 @@
 - :mod:`~pipeline.bench.report`: markdown / CSV tables and the speedup figure;
 - :mod:`~pipeline.bench.runner`: the decoder benchmark as one call (grid, sweep files);
 - :mod:`~pipeline.bench.pipeline_bench`: throughput of the decode stage, the annotate stage and the
-  whole pipeline on local Ray.
+  whole pipeline on local Ray;
+- :mod:`~pipeline.bench.prefix_memory`: the shared prefill's dense cache with the video's prefix copied
+  per question vs stored once: cache bytes, a fresh process's peak RSS and decode speed, side by side.
 
 *Measured* numbers come from timed runs; *projected* numbers (``projected_*``) combine measured step
 costs with a stated acceptance profile and are never mixed with measured ones.
