@@ -20,8 +20,12 @@ its video's prefix and to its own visible slots. The two parts are computed sepa
 exactly (the split-softmax / flash-decoding merge): with ``m`` the larger of the two parts' maximum
 logits, ``out = (Σ_pre e^(s−m) v + Σ_own e^(s−m) v) / (Σ_pre e^(s−m) + Σ_own e^(s−m))``, which is the
 softmax over the concatenated keys up to rounding. The queries of all of a video's rows are stacked
-against its one prefix (one matmul per video and layer, the prefix read once, not once per question).
-Scores are computed in fp32 and materialised in chunks of rows of at most ``_ATTEND_CHUNK_BYTES``.
+against its one prefix (one attention call per video and layer, the prefix read once, not once per
+question). On a CPU each part is PyTorch's fused CPU attention kernel, the one ``F.scaled_dot_product_attention``
+runs there, called through its aten op so that it also returns the log-sum-exp the merge needs
+(``aten._scaled_dot_product_flash_attention_for_cpu``; measured faster than one SDPA over the copied
+rows). Elsewhere (no such op) the scores are computed in fp32 and materialised in chunks of rows of
+at most ``_ATTEND_CHUNK_BYTES``.
 
 Slots of a row in the *virtual* layout that selection uses (:class:`~std_core.selection.PromptLayout`,
 ``keep_index``): ``[0, P_b)`` is the prefix, ``[P_b, P_b + S_b)`` the suffix, as the copying path lays
@@ -42,6 +46,8 @@ from std_core.stats import PhaseTimer
 
 # Bound on the fp32 attention scores materialised at once per video chunk (bytes).
 _ATTEND_CHUNK_BYTES = 64 * 2**20
+# PyTorch's fused CPU attention, returning (output, logsumexp); None where this build lacks it.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class SharedPrefixCache(SlotCache):
@@ -103,12 +109,18 @@ class SharedPrefixCache(SlotCache):
         rows = heads // kv_heads * q
         folded = query.reshape(batch, kv_heads, rows, dim)
         if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
                 ~mask, float("-inf")
             )
         out = torch.empty_like(folded)
+        fused = _FLASH_CPU is not None and query.device.type == "cpu"
         for video, span in self.spans:
             prefix_keys, prefix_values = self.prefix_kv(layer_idx, video)
+            if fused:
+                out[span] = _fused_cpu_attention(
+                    folded[span], key[span], value[span], mask[span], prefix_keys, prefix_values, scaling
+                )
+                continue
             per_row = kv_heads * rows * (prefix_keys.shape[1] + key.shape[2]) * 4
             step = max(1, _ATTEND_CHUNK_BYTES // per_row)
             for start in range(span.start, span.stop, step):
@@ -179,6 +191,32 @@ def _merged_attention(
     numerator = torch.matmul(own, value.to(f32)).add_(pre_out)
     denominator = own.sum(dim=-1).add_(pre.sum(dim=-1).reshape(kv_heads, n, rows).transpose(0, 1))
     return numerator.div_(denominator[..., None]).to(query.dtype)
+
+
+def _fused_cpu_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`_merged_attention` with PyTorch's fused CPU kernel for each part: the prefix part with
+    the video's queries stacked ``[1, KVH, n*R, D]`` (no mask: every query sees the whole prefix), the
+    own part under ``mask``; merged by their log-sum-exps, ``out = Σ_part o_part · e^(lse_part − m) /
+    Σ_part e^(lse_part − m)``, in fp32."""
+    n, kv_heads, rows, dim = query.shape
+    stacked = query.transpose(0, 1).reshape(1, kv_heads, n * rows, dim)
+    pre, pre_lse = _FLASH_CPU(stacked, prefix_keys[None], prefix_values[None], scale=scaling)
+    own, own_lse = _FLASH_CPU(query, key, value, attn_mask=mask.to(query.dtype), scale=scaling)
+    pre = pre.reshape(kv_heads, n, rows, dim).transpose(0, 1).float()
+    pre_lse = pre_lse.reshape(kv_heads, n, rows).transpose(0, 1).float()
+    own_lse = own_lse.float()
+    top = torch.maximum(pre_lse, own_lse)  # the own part is never empty: a query sees itself
+    pre_weight, own_weight = (pre_lse - top).exp_(), (own_lse - top).exp_()
+    out = pre.mul_(pre_weight[..., None]).add_(own.float() * own_weight[..., None])
+    return out.div_((pre_weight + own_weight)[..., None]).to(query.dtype)
 
 
 def _contiguous_spans(video_of_row: list[int]) -> list[tuple[int, slice]]:

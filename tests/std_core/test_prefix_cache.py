@@ -57,7 +57,18 @@ def _layouts(capacity: int = 12) -> tuple[SharedPrefixCache, SlotCache]:
 
 
 @pytest.mark.parametrize("q", [1, 3])
-def test_split_attention_equals_attention_over_the_copied_rows(q: int) -> None:
+@pytest.mark.parametrize("kernel", ["fused_cpu", "fp32_scores"])
+def test_split_attention_equals_attention_over_the_copied_rows(
+    q: int, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both implementations of the merge: PyTorch's fused CPU kernel with its log-sum-exp (the CPU
+    default) and the chunked fp32 scores (other devices)."""
+    from std_core import prefix_cache
+
+    if kernel == "fp32_scores":
+        monkeypatch.setattr(prefix_cache, "_FLASH_CPU", None)
+    else:
+        assert prefix_cache._FLASH_CPU is not None, "this torch build has no fused CPU attention op"
     shared, copied = _layouts()
     gen = torch.Generator().manual_seed(1)
     for i in range(LAYERS):
@@ -82,6 +93,7 @@ def test_split_attention_equals_attention_over_the_copied_rows(q: int) -> None:
 def test_attention_chunks_give_the_same_output(monkeypatch: pytest.MonkeyPatch) -> None:
     from std_core import prefix_cache
 
+    monkeypatch.setattr(prefix_cache, "_FLASH_CPU", None)  # the chunked fp32 path
     shared, _ = _layouts()
     query = torch.randn(len(ROWS), KVH * GROUPS, 2, DIM, generator=torch.Generator().manual_seed(2))
     mask = shared.begin_forward(2)

@@ -176,6 +176,19 @@ def test_the_dense_cache_holds_one_prefix_per_video(arch: str) -> None:
     assert 0 < shared - fewer < prefix * _slot_bytes(c.tiny.model), "a question must cost less than a prefix"
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_the_fp32_score_attention_equals_generate(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's implementation for devices without PyTorch's fused CPU attention op (materialised
+    fp32 scores, here in chunks of one row), end to end: the same oracle."""
+    from std_core import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "_FLASH_CPU", None)
+    monkeypatch.setattr(prefix_cache, "_ATTEND_CHUNK_BYTES", 1)
+    c = case(arch)
+    result, expected = c.shared(StdConfig(gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
+    tm.assert_same(result.sequences, expected)
+
+
 def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto over the no-copy cache: dense-only rounds leave the sparse cache behind, draft rounds
     first copy the missed tokens from the dense cache's own slots; any sequence of choices gives the
