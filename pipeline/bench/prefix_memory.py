@@ -2,15 +2,20 @@
 question (``copy_prefix=True``) against the prefix stored once (the default).
 
 ``python -m jobs.benchmark prefix-memory --questions 10 50`` measures, for one demo-world video and
-each question count, both layouts, each in a **fresh process** (``python -m
-pipeline.bench.prefix_memory CONFIG_JSON QUESTIONS LAYOUT``), run one after the other in this one
-run. A child loads the model, preprocesses the video and its questions
-(:func:`pipeline.questions.question_inputs`), reads its peak resident memory (``VmHWM`` of
-``/proc/self/status``), runs :func:`std_core.generate_shared` once and reads ``VmHWM`` again: the
-first call's peak in a process that did nothing else. It then runs the same call again to time the
-decode warm (``rounds_seconds``: the draft / verify rounds; ``prefill_seconds``: the video's prefix,
-the suffixes and the selection). It reports the dense and sparse cache bytes from the call's stats
-and a hash of its output tokens: both layouts must produce the same tokens (``outputs_equal``).
+each question count, in three **fresh processes** (``python -m pipeline.bench.prefix_memory
+CONFIG_JSON QUESTIONS copy|shared|speed``), one after the other in this one run:
+
+- *memory*, one process per layout: it loads the model, preprocesses the video and its questions
+  (:func:`pipeline.questions.question_inputs`), reads its peak resident memory (``VmHWM`` of
+  ``/proc/self/status``), runs :func:`std_core.generate_shared` once and reads ``VmHWM`` again: the
+  call's peak in a process that did nothing else. It reports the dense and sparse cache bytes from
+  the call's stats and a hash of its output tokens: both layouts must produce the same tokens
+  (``outputs_equal``).
+- *speed*, one process for both layouts: one warm-up call of each, then ``repeats`` rounds each
+  calling both layouts (the order alternating), so a shared machine's drifts fall on both; medians
+  of ``rounds_seconds`` (the draft / verify rounds: the decode) and of ``prefill_seconds`` (the
+  video's prefix, the suffixes and the selection), and decode tokens/s = generated tokens / median
+  rounds seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -47,12 +53,13 @@ class PrefixMemoryBenchConfig:
         "the decode is long enough to time; off: the model's own answers (one word on the demo model)",
     )
     threads: int = flag(1, "torch threads of each child process")
+    repeats: int = flag(5, "timed calls of each layout in the speed process (medians)")
     seed: int = flag(0, "demo-world clip seed")
 
     def __post_init__(self) -> None:
         if any(q < 1 for q in self.questions) or not self.questions:
             raise ValueError("questions must be one or more counts >= 1")
-        for name in ("num_frames", "max_new_tokens", "threads"):
+        for name in ("num_frames", "max_new_tokens", "threads", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -62,17 +69,19 @@ def run_prefix_memory_benchmark(config: PrefixMemoryBenchConfig) -> dict:
     figures and their ratios (copy / shared)."""
     cases = []
     for questions in config.questions:
-        runs = {layout: _child(config, questions, layout) for layout in LAYOUTS}
-        copy, shared = runs["copy"], runs["shared"]
+        runs = {layout: _child(config, questions, layout) for layout in (*LAYOUTS, "speed")}
+        copy, shared, speed = runs["copy"], runs["shared"], runs["speed"]
         cases.append(
             {
                 "questions": questions,
                 "copy": copy,
                 "shared": shared,
-                "outputs_equal": copy["output_sha1"] == shared["output_sha1"],
+                "speed": speed,
+                "outputs_equal": copy["output_sha1"] == shared["output_sha1"] and speed["outputs_equal"],
                 "dense_cache_ratio": copy["dense_cache_bytes"] / shared["dense_cache_bytes"],
                 "vmhwm_saved_mib": (copy["vmhwm_after_kib"] - shared["vmhwm_after_kib"]) / 1024,
-                "decode_speed_ratio": shared["decode_tokens_per_s"] / copy["decode_tokens_per_s"],
+                "decode_speed_ratio": speed["shared"]["decode_tokens_per_s"]
+                / speed["copy"]["decode_tokens_per_s"],
             }
         )
         log.info("%d questions: %s", questions, json.dumps(cases[-1]))
@@ -118,37 +127,42 @@ def question_texts(count: int, seed: int) -> list[str]:
     raise ValueError(f"the demo world asks fewer than {count} distinct questions")
 
 
-def measure(config: PrefixMemoryBenchConfig, questions: int, layout: str) -> dict:
-    """One child's measurement (see the module docstring)."""
+def _setup(config: PrefixMemoryBenchConfig, questions: int) -> tuple[object, list]:
+    """The decoder and the one video's question inputs."""
     import torch
 
     from pipeline.demo.world import make_clip, render_frames, sample_frames
     from pipeline.models import default_model_dir, load_model
     from pipeline.questions import question_inputs
-    from std_core import SparseToDenseDecoder, StdConfig, generate_shared
+    from std_core import SparseToDenseDecoder, StdConfig
 
     torch.set_num_threads(config.threads)
     model, processor = load_model(str(config.model or default_model_dir()), "float32", "cpu")
     frames = sample_frames(render_frames(make_clip(config.seed, config.num_frames)), config.num_frames)
     prompts = [question_inputs(processor, frames, question_texts(questions, config.seed), "cpu")]
     std = StdConfig(mode=config.decoder, gamma=config.gamma, sparse_budget=config.sparse_budget)
-    decoder = SparseToDenseDecoder(model, std)
+    return SparseToDenseDecoder(model, std), prompts
+
+
+def _call(config: PrefixMemoryBenchConfig, decoder: object, prompts: list, layout: str) -> object:
+    from std_core import generate_shared
 
     length = {"min_new_tokens": config.max_new_tokens} if config.full_length else {}
+    copy = layout == "copy"
+    return generate_shared(decoder, prompts, max_new_tokens=config.max_new_tokens, copy_prefix=copy, **length)
 
-    def call() -> tuple[object, float]:
-        start = time.perf_counter()
-        result = generate_shared(
-            decoder, prompts, max_new_tokens=config.max_new_tokens, copy_prefix=layout == "copy", **length
-        )
-        return result, time.perf_counter() - start
 
+def measure(config: PrefixMemoryBenchConfig, questions: int, layout: str) -> dict:
+    """One memory process's measurement of ``layout`` (see the module docstring)."""
+    import torch
+
+    decoder, prompts = _setup(config, questions)
     before = _vmhwm_kib()
-    first, first_seconds = call()
+    start = time.perf_counter()
+    result = _call(config, decoder, prompts, layout)
+    seconds = time.perf_counter() - start
     after = _vmhwm_kib()
-    result, seconds = call()  # warm: the timed call
     stats = result.stats
-    generated = stats.total.generated
     return {
         "layout": layout,
         "questions": questions,
@@ -158,18 +172,41 @@ def measure(config: PrefixMemoryBenchConfig, questions: int, layout: str) -> dic
         "sparse_cache_bytes": stats.sparse_cache_bytes,
         "vmhwm_before_kib": before,
         "vmhwm_after_kib": after,
-        "first_call_seconds": first_seconds,
         "call_seconds": seconds,
-        "prefill_seconds": stats.prefill_seconds,
-        "select_seconds": stats.select_seconds,
-        "rounds_seconds": stats.rounds_seconds,
-        "generated_tokens": generated,
-        "decode_tokens_per_s": generated / stats.rounds_seconds if stats.rounds_seconds else 0.0,
+        "generated_tokens": stats.total.generated,
         "acceptance_rate": stats.total.acceptance_rate,
         "output_sha1": hashlib.sha1(result.sequences.numpy().tobytes()).hexdigest(),
-        "outputs_repeat": bool(torch.equal(first.sequences, result.sequences)),
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_speed(config: PrefixMemoryBenchConfig, questions: int) -> dict:
+    """The speed process: both layouts interleaved, medians (see the module docstring)."""
+    import torch
+
+    decoder, prompts = _setup(config, questions)
+    warm = {layout: _call(config, decoder, prompts, layout) for layout in LAYOUTS}
+    runs: dict[str, list] = {layout: [] for layout in LAYOUTS}
+    for r in range(config.repeats):
+        for layout in LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]:
+            runs[layout].append(_call(config, decoder, prompts, layout))
+    reference = warm["copy"].sequences
+    out: dict = {
+        "outputs_equal": all(torch.equal(x.sequences, reference) for x in [warm["shared"], *runs["copy"], *runs["shared"]]),
+        "repeats": config.repeats,
+    }  # fmt: skip
+    for layout, results in runs.items():
+        rounds = statistics.median(x.stats.rounds_seconds for x in results)
+        generated = results[0].stats.total.generated
+        out[layout] = {
+            "rounds_seconds_median": rounds,
+            "rounds_seconds": [x.stats.rounds_seconds for x in results],
+            "prefill_seconds_median": statistics.median(x.stats.prefill_seconds for x in results),
+            "generated_tokens": generated,
+            "decode_tokens_per_s": generated / rounds if rounds else 0.0,
+            "acceptance_rate": results[0].stats.total.acceptance_rate,
+        }
+    return out
 
 
 def _vmhwm_kib() -> int:
@@ -183,4 +220,6 @@ def _vmhwm_kib() -> int:
 
 if __name__ == "__main__":
     _config = PrefixMemoryBenchConfig(**{**json.loads(sys.argv[1]), "questions": (int(sys.argv[2]),)})
-    print(json.dumps(measure(_config, int(sys.argv[2]), sys.argv[3])))
+    _questions, _what = int(sys.argv[2]), sys.argv[3]
+    _result = measure_speed(_config, _questions) if _what == "speed" else measure(_config, _questions, _what)
+    print(json.dumps(_result))
