@@ -31,11 +31,13 @@ Mode = Literal["std", "dense", "auto"]
 Verify = Literal["parallel", "sequential"]
 Selection = Literal["text_topk", "sink_window"]
 SelectionQueries = Literal["all_text", "after_visual"]
+StaticSteps = Literal["auto", "compile", "eager", "off"]
 
 _MODES = ("std", "dense", "auto")
 _VERIFY = ("parallel", "sequential")
 _SELECTION = ("text_topk", "sink_window")
 _QUERIES = ("all_text", "after_visual")
+_STATIC = ("auto", "compile", "eager", "off")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,18 @@ class StdConfig:
             ``"after_visual"`` uses only the text after the last visual token (question + assistant
             header), as the independent reproduction did.
         sink_tokens: visual tokens always kept at the start by ``"sink_window"``.
+        static_steps: how decode forwards run (see :mod:`std_core.static_steps`). ``"compile"``:
+            static-shape steps (fixed inputs over the caches' whole capacity) under
+            ``torch.compile(fullgraph=True)`` with ``compile_backend``, captured in CUDA graphs on
+            CUDA; each (batch, γ, capacity) bucket compiles once, on its first call (timed in
+            ``DecodeStats.compile_seconds``). ``"eager"``: the same static steps, not compiled.
+            ``"off"``: the Hugging Face forward over the used cache prefix. ``"auto"`` (default):
+            ``"compile"`` on CUDA, ``"off"`` on CPU, where compiled steps measured slower (see
+            BENCHMARKS.md). Architectures the static step does not support decode as ``"off"``.
+        compile_backend: the ``torch.compile`` backend of ``"compile"``: ``"inductor"`` (needs a C++
+            compiler on CPU), or ``"aot_eager"`` / ``"eager"`` (trace only: graph-break and
+            recompile checks without a compiler). fp32 exactness against ``generate`` is tested
+            with the trace-only backends; inductor may fuse reductions in another order.
     """
 
     mode: Mode = "std"
@@ -75,6 +89,8 @@ class StdConfig:
     selection: Selection = "text_topk"
     selection_queries: SelectionQueries = "all_text"
     sink_tokens: int = 4
+    static_steps: StaticSteps = "auto"
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -93,3 +109,16 @@ class StdConfig:
             )
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"StdConfig.sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if self.static_steps not in _STATIC:
+            raise ValueError(f"StdConfig.static_steps must be one of {_STATIC}, got {self.static_steps!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(
+                f"StdConfig.compile_backend must be a backend name, got {self.compile_backend!r}"
+            )
+
+    def static_steps_on(self, device_type: str) -> StaticSteps:
+        """``static_steps`` with ``"auto"`` resolved for a device type: ``"compile"`` on ``"cuda"``,
+        else ``"off"``."""
+        if self.static_steps == "auto":
+            return "compile" if device_type == "cuda" else "off"
+        return self.static_steps

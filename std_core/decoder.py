@@ -49,6 +49,7 @@ from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_
 from std_core.processing import Scorer, StopRule
 from std_core.rows import Rows
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
+from std_core.static_steps import StaticSession, StaticSteps, unsupported_reason
 from std_core.stats import DecodeStats, PhaseTimer, RowStats
 from std_core.validation import validate_generate_inputs
 
@@ -74,6 +75,19 @@ class SparseToDenseDecoder:
         self.model = model
         self.config = config or StdConfig()
         install(model)
+        self._static: StaticSteps | None = None  # compiled step functions, kept across calls
+
+    def static_session(self, device: torch.device) -> StaticSession | None:
+        """Static steps for one ``generate`` call on ``device`` (None: the eager Hugging Face forward),
+        per ``config.static_steps``; unsupported architectures fall back to None."""
+        kind = self.config.static_steps_on(device.type)
+        if kind == "off" or unsupported_reason(self.model) is not None:
+            return None
+        if self._static is None:
+            backend = self.config.compile_backend if kind == "compile" else None
+            cuda_graphs = kind == "compile" and device.type == "cuda"
+            self._static = StaticSteps(self.model, backend, cuda_graphs=cuda_graphs)
+        return self._static.session()
 
     def generate(
         self, *, max_new_tokens: int | None = None, generator: torch.Generator | None = None, **inputs: object
@@ -131,6 +145,9 @@ class _Decode:
     """One ``generate`` call: its whole state, set up (prefill, selection, first token) in
     ``__init__``, and the round loop."""
 
+    #: whether decode forwards may run as static steps (a subclass with its own cache layout opts out)
+    static_steps_supported = True
+
     def __init__(
         self,
         call: _CustomGenerate,
@@ -174,6 +191,8 @@ class _Decode:
         for cache in (self.dense, self.sparse):  # the masks, built once here rather than in a round
             if cache is not None:
                 cache.prepare_mask()
+        # static (compiled) decode forwards, or None: the Hugging Face forward over the used prefix
+        self.static = call.decoder.static_session(input_ids.device) if self.static_steps_supported else None
         self.schedule: RoundSchedule = self.round_schedule(call.calibrate > 0)  # γ of each round
 
     def run(self) -> GenerateResult:
@@ -249,7 +268,9 @@ class _Decode:
     # ---------------------------------------------------------------------------------- the round
     def round(self) -> None:
         """One round of the paper, for every live row at once."""
-        gamma = self.schedule.next_gamma(self.rows.remaining() - 1)  # choose γ (within the token budget)
+        # choose γ within the token budget; static steps keep γ (a shorter verify is another bucket)
+        limit = self.gamma if self.static is not None else self.rows.remaining() - 1
+        gamma = self.schedule.next_gamma(limit)
         uniforms = self.uniforms(gamma)  # sampling: the acceptance rule's u ~ U(0, 1), [B, γ]
         drafts, q = self.draft(gamma)  # 1. draft γ tokens with the sparse cache
         dense = self.verify(drafts, q, uniforms)  # 2. verify [pending] + drafts with the dense cache
@@ -392,6 +413,8 @@ class _Decode:
         q = tokens.shape[1]
         offsets = self.rows.cached[:, None] + cache.pending + torch.arange(q, device=tokens.device)[None]
         positions = decode_position_ids(self.spec, self.base_positions, offsets)
+        if self.static is not None:
+            return self.static.forward(cache, tokens, positions)
         mask = cache.begin_forward(q)  # [B, 1, groups * q, kv_len] additive, a view of the cache's own
         with attention_phase("decode"):
             out = self.model(
@@ -431,6 +454,9 @@ class _Decode:
             kept_prompt_tokens=tuple(int(x) for x in self.layout.keep_counts.tolist()),
             sparse_cache_bytes=gathered_bytes,
             dense_cache_bytes=self.dense.nbytes(),
+            static_steps=self.static.kind if self.static is not None else "off",
+            compile_seconds=self.static.compile_seconds if self.static is not None else 0.0,
+            compiles=self.static.compiles if self.static is not None else 0,
         )
 
 

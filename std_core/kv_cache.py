@@ -148,9 +148,11 @@ class SlotCache(Cache):
         return self._window[:, :width]
 
     # ---------------------------------------------------------------------------------- the protocol
-    def begin_forward(self, q: int) -> torch.Tensor:
+    def begin_forward(self, q: int, full: bool = False) -> torch.Tensor:
         """The additive mask of a decode forward of ``q <= max_query`` new tokens,
-        ``[B, 1, groups * q, kv_len]``: a view of :attr:`bias`.
+        ``[B, 1, groups * q, kv_len]``: a view of :attr:`bias`. ``kv_len`` is the used prefix
+        (``max_cursor() + q``), or with ``full`` the whole capacity (static steps, whose shapes do
+        not change during a decode; slots past the prefix are −inf for every row).
 
         Query ``i`` of row ``b`` sees slots ``starts[b] <= j <= lengths[b] + pending + i``: the row's
         valid entries, this round's tentative tokens and itself. The query rows are tiled ``groups``
@@ -165,7 +167,7 @@ class SlotCache(Cache):
         self.prepare_mask()
         self._paint(self.pending + q, self._pattern(self.pending, q))
         self._painted = self._painted and q == 1  # rows g * q + i of a longer forward see less
-        return self.bias[:, :, : self.groups * q, :end]
+        return self.bias[:, :, : self.groups * q, : self.capacity if full else end]
 
     def prepare_mask(self) -> None:
         """Build the mask now (else the first decode forward does), so no round pays for it."""

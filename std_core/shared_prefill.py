@@ -278,6 +278,8 @@ class _SharedGenerate(_CustomGenerate):
 class _SharedDecode(_Decode):
     """A :class:`~std_core.decoder._Decode` whose prefill is shared per video (module docstring)."""
 
+    static_steps_supported = False  # decode forwards stay eager (see std_core.static_steps)
+
     def __init__(self, call: _SharedGenerate, *args: object) -> None:
         self.prompt: SharedPrompt = call.prompt
         self.copy_prefix = call.copy_prefix

@@ -119,6 +119,9 @@ class DecodeStats:
     kept_prompt_tokens: tuple[int, ...] = ()
     sparse_cache_bytes: int = 0
     dense_cache_bytes: int = 0
+    static_steps: str = "off"  # how decode forwards ran: "compile", "eager" (static) or "off"
+    compile_seconds: float = 0.0  # first calls of new step buckets (trace + compile + that step)
+    compiles: int = 0  # step buckets first called (compiled) in this call
 
     @property
     def total(self) -> RowStats:
@@ -172,6 +175,9 @@ class DecodeStats:
             "draft_seconds": self.draft_seconds,
             "verify_seconds": self.verify_seconds,
             "rounds_seconds": self.rounds_seconds,
+            "static_steps": self.static_steps,
+            "compile_seconds": self.compile_seconds,
+            "compiles": self.compiles,
         }
 
 
