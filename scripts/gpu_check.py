@@ -11,9 +11,11 @@ fails or runs out of time is recorded as such, and the next one still runs):
    bf16, synthetic visual tokens: StD with ``verify="sequential"`` must equal ``model.generate`` token for
    token; with ``verify="parallel"`` every divergence is reported with the dense logit margin there
    (``std_core.first_divergence``), which must be a near-tie.
-3. ``benchmark``: ``python -m jobs.benchmark decoder`` on the preset at each visual-token count × batch
-   (dense, StD, auto and plain ``generate``; eager). Compiled steps are not implemented yet, so no
-   compiled figure is reported.
+   The same sequential check runs again with compiled static steps (``static_steps="compile"``: CUDA
+   graphs over inductor on CUDA; the trace-only ``aot_eager`` backend on CPU), ``compiled_sequential_equal``.
+3. ``benchmark``: ``python -m jobs.benchmark decoder --compile`` on the preset at each visual-token
+   count × batch (dense, StD, auto and plain ``generate``; the std_core ones eager and compiled, side
+   by side, with the seconds spent compiling).
 
 Exit status: 0 when every step ran and the sequential check held, 1 otherwise.
 """
@@ -125,20 +127,34 @@ def lossless_bf16(args: argparse.Namespace, steps: dict) -> dict:
                     "sparse_budget": min(1024, case["visual_tokens"] // 4)}  # fmt: skip
     generated = dense[:, inputs["input_ids"].shape[1] :]
     result["reference_distinct_tokens"] = int(torch.unique(generated).numel())  # varied, not one repeated
-    for verify in ("sequential", "parallel"):
+    backend = _compile_backend(args)
+    for name, verify, static in (
+        ("sequential", "sequential", "off"),
+        ("parallel", "parallel", "off"),
+        ("compiled_sequential", "sequential", "compile"),
+    ):
         budget = min(1024, case["visual_tokens"] // 4)  # below the prompt: the draft is really sparse
-        config = StdConfig(gamma=9, sparse_budget=budget, verify=verify)
+        config = StdConfig(
+            gamma=9, sparse_budget=budget, verify=verify, static_steps=static, compile_backend=backend
+        )
         std = SparseToDenseDecoder(model, config).generate(**_fresh(inputs), max_new_tokens=new)
         equal = bool(torch.equal(std.sequences, dense))
-        result[f"{verify}_equal"] = equal
-        result[f"{verify}_acceptance"] = std.stats.summary().get("acceptance_rate")
+        result[f"{name}_equal"] = equal
+        result[f"{name}_acceptance"] = std.stats.summary().get("acceptance_rate")
+        if static != "off":
+            result[f"{name}_compile_s"] = round(std.stats.compile_seconds, 2)
         if not equal:
             found = first_divergence(model, _fresh(inputs), std.sequences, dense)
-            result[f"{verify}_divergences"] = [
+            result[f"{name}_divergences"] = [
                 None if d is None else {"row": d.row, "position": d.position, "margin": round(d.margin, 4)}
                 for d in found
             ]
     return result
+
+
+def _compile_backend(args: argparse.Namespace) -> str:
+    """inductor (+ CUDA graphs) on CUDA; on CPU the trace-only backend (no C++ compiler needed)."""
+    return "inductor" if args.device == "cuda" else "aot_eager"
 
 
 def _fresh(inputs: dict) -> dict:
@@ -153,7 +169,8 @@ def benchmark(
     command = [sys.executable, "-m", "jobs.benchmark", "decoder", "--preset", steps["preset"],
                "--visual-tokens", *map(str, tokens), "--batch", *map(str, batches),
                "--variants", "dense", "std", "auto", "hf", "--device", args.device,
-               "--max-new-tokens", str(steps["bench_new_tokens"]), "--repeats", str(steps["repeats"])]  # fmt: skip
+               "--max-new-tokens", str(steps["bench_new_tokens"]), "--repeats", str(steps["repeats"]),
+               "--compile", "--compile-backend", _compile_backend(args)]  # fmt: skip
     if steps["layers"]:
         command += ["--layers", str(steps["layers"])]
     if args.device == "cuda":
@@ -167,7 +184,9 @@ def benchmark(
 
 
 TABLE = ("visual_tokens", "batch", "dense_ms_per_token", "std_ms_per_token", "auto_ms_per_token",
-         "hf_ms_per_token", "decode_speedup", "auto_decode_speedup", "outputs_equal")  # fmt: skip
+         "hf_ms_per_token", "dense_compiled_ms_per_token", "std_compiled_ms_per_token",
+         "auto_compiled_ms_per_token", "decode_speedup", "compiled_decode_speedup", "auto_decode_speedup",
+         "compile_s", "outputs_equal")  # fmt: skip
 
 
 def _write(out: Path, report: dict) -> None:

@@ -49,7 +49,7 @@ from std_core.models import ModelSpec, decode_position_ids, inspect_model, next_
 from std_core.processing import Scorer, StopRule
 from std_core.rows import Rows
 from std_core.selection import PromptLayout, SelectionObserver, keep_index, sink_window_scores
-from std_core.static_steps import StaticSession, StaticSteps, unsupported_reason
+from std_core.static_steps import StaticSession, StaticSteps, bucket_capacity, unsupported_reason
 from std_core.stats import DecodeStats, PhaseTimer, RowStats
 from std_core.validation import validate_generate_inputs
 
@@ -175,7 +175,9 @@ class _Decode:
         self.rows = Rows(input_ids, self.stop, pad_id, spare=self.gamma + 2)  # committed tokens, counts
         # which prompt positions are real, visual, scoring text; how many the sparse cache keeps
         self.layout = self.prompt_layout(input_ids, model_kwargs)
-        capacity = input_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1
+        # static (compiled) decode forwards, or None: the Hugging Face forward over the used prefix
+        self.static = call.decoder.static_session(input_ids.device) if self.static_steps_supported else None
+        capacity = self.capacity(input_ids.shape[1] + self.stop.max_new_tokens + self.gamma + 1)
         # every prompt and committed token; a forward writes at most γ + 1 (the verify)
         self.dense = SlotCache(spec.num_layers, capacity, max_query=self.gamma + 1, groups=spec.groups)
         text_topk = self.gamma and config.selection == "text_topk"
@@ -191,8 +193,6 @@ class _Decode:
         for cache in (self.dense, self.sparse):  # the masks, built once here rather than in a round
             if cache is not None:
                 cache.prepare_mask()
-        # static (compiled) decode forwards, or None: the Hugging Face forward over the used prefix
-        self.static = call.decoder.static_session(input_ids.device) if self.static_steps_supported else None
         self.schedule: RoundSchedule = self.round_schedule(call.calibrate > 0)  # γ of each round
 
     def run(self) -> GenerateResult:
@@ -236,13 +236,18 @@ class _Decode:
                 shared, starts = keep_index(scores, self.layout)
                 index = [shared] * self.spec.num_layers
             kept = index[0].shape[-1]
-            capacity = kept + self.stop.max_new_tokens + self.gamma + 1
+            capacity = self.capacity(kept + self.stop.max_new_tokens + self.gamma + 1)
             # drafts write one token per forward
             return self.gather_sparse(index, starts, capacity)
 
     def gather_sparse(self, index: list[torch.Tensor], starts: torch.Tensor, capacity: int) -> SlotCache:
         """The sparse cache of the kept slots ``index[layer]`` of the dense cache."""
         return SlotCache.gathered(self.dense, index, starts, capacity, groups=self.spec.groups)
+
+    def capacity(self, slots: int) -> int:
+        """A cache's capacity for ``slots`` needed slots: static steps round it up to a shape bucket,
+        so calls with similar lengths share compiled steps."""
+        return bucket_capacity(slots) if self.static is not None else slots
 
     def first_token(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Commit every row's first token (from the prefill logits); returns it ``[B]``."""

@@ -43,6 +43,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from std_core.attention import attention_phase
 from std_core.kv_cache import SlotCache
 
+#: static caches' capacities are multiples of this many slots (one compiled step serves every
+#: length in a bucket; the masked slots cost attention reads of at most this many more keys)
+CAPACITY_STEP = 256
+
+
+def bucket_capacity(slots: int) -> int:
+    """``slots`` rounded up to a multiple of :data:`CAPACITY_STEP`."""
+    return -(-slots // CAPACITY_STEP) * CAPACITY_STEP
+
 
 class StaticLayer(CacheLayerMixin):
     """One layer of :class:`StaticSlots`: scatters new states at the owner's ``slots`` and returns

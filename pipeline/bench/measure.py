@@ -10,6 +10,9 @@ Variants (all greedy, same inputs, same model object):
   at the same budget;
 - ``dense``: the same decoder with ``mode="dense"`` (plain one-token decoding through the same code);
 - ``auto``: ``mode="auto"`` (γ per round from measured step costs and the running acceptance);
+- ``<variant>_compiled`` (``--compile``): each std_core variant again with compiled static steps
+  (``StdConfig(static_steps="compile")``, CUDA graphs on CUDA); the plain variants then run with
+  ``static_steps="off"``, so compiled and eager step costs sit side by side;
 - ``hf``: plain ``model.generate``; ``hf_gqa``: the same with ``TRANSFORMERS_SDPA_FORCE_GQA=1``
   (transformers reads it per attention call), so SDPA attends per KV head even with a mask.
 
@@ -48,6 +51,7 @@ VARIANTS = STD_VARIANTS + HF_VARIANTS
 DEFAULT_VARIANTS = ("std", "dense", "auto", "hf", "hf_gqa")  # std_sink on request (--variants)
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 FIXED_PREFIX = "std_g"  # std_g<γ>: fixed-γ StD at another γ than the case's
+COMPILED_SUFFIX = "_compiled"  # <variant>_compiled: the std_core variant with compiled static steps
 
 
 def fixed_variant(gamma: int) -> str:
@@ -61,9 +65,20 @@ def fixed_gamma_of(variant: str) -> int | None:
     return int(tail) if variant.startswith(FIXED_PREFIX) and tail.isdigit() else None
 
 
+def compiled_variant(variant: str) -> str:
+    """The compiled twin of a std_core variant (``dense_compiled``: ``static_steps="compile"``)."""
+    return f"{variant}{COMPILED_SUFFIX}"
+
+
+def eager_of(variant: str) -> str:
+    """The variant without its compiled suffix (``dense_compiled`` → ``dense``)."""
+    return variant.removesuffix(COMPILED_SUFFIX)
+
+
 def is_std_core(variant: str) -> bool:
     """Whether ``variant`` decodes with std_core (its phases are timed), not plain ``generate``."""
-    return variant in STD_VARIANTS or fixed_gamma_of(variant) is not None
+    base = eager_of(variant)
+    return base in STD_VARIANTS or fixed_gamma_of(base) is not None
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ class Sample:
     visual_tokens: int  # visual tokens in the prompt as std_core counts them, mean over rows (0: hf variants)
     batch: int
     sequences: torch.Tensor  # [B, prompt + new]: compared across variants, not reported
+    compile_seconds: float = 0.0  # first calls of new static-step buckets in this call (compiling)
+    compiles: int = 0  # static-step buckets compiled in this call
 
     @property
     def other_seconds(self) -> float:
@@ -146,6 +163,8 @@ def _run_std(
         else 0,
         batch=len(stats.rows),
         sequences=result.sequences.cpu(),
+        compile_seconds=stats.compile_seconds,
+        compiles=stats.compiles,
     )
 
 

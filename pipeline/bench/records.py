@@ -34,6 +34,14 @@ Definitions (every time is the median over repeats; see :mod:`pipeline.bench.mea
   ``measured_alpha``: the same inversion of the measured acceptance rate at the run's γ.
 - memory: ``*_peak_mb`` (``memory_kind``: process peak RSS on CPU, ``max_memory_allocated`` on CUDA);
   ``dense_cache_mb`` / ``sparse_cache_mb``: the decoder's KV caches.
+- compiled (``--compile``; None otherwise): ``*_compiled_ms_per_token`` as above for the
+  ``<variant>_compiled`` twins (static steps under ``torch.compile``, CUDA graphs on CUDA; the plain
+  variants then decode with ``static_steps="off"``); ``compiled_dense_step_ms`` /
+  ``compiled_draft_step_ms`` / ``compiled_verify_step_ms`` as the eager ones, and
+  ``compiled_*_step_ratio`` = compiled / eager step (< 1: compiling pays); ``compiled_decode_speedup``
+  = dense_compiled / std_compiled decode; ``compile_s``: the seconds of every compiled variant's first
+  calls of new step buckets (trace + compile + that step), over its warm-up and timed calls, and
+  ``timed_compiles`` how many of those fell in timed calls (0: no median holds a compile).
 - bandwidth: ``bytes_per_dense_step`` = weights read per step + the KV cache at the mid-decode
   length; ``achieved_gbps`` = that / ``dense_step_ms``; ``bandwidth_fraction`` against the device's
   peak where it is known (GPUs).
@@ -47,7 +55,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.bench.measure import Sample, fixed_gamma_of, memory_kind
+from pipeline.bench.measure import COMPILED_SUFFIX, Sample, fixed_gamma_of, memory_kind
 from pipeline.bench.projection import (
     PAPER_GAMMA,
     alpha_for_acceptance,
@@ -158,6 +166,18 @@ class DecoderRecord:
     achieved_gbps: float
     peak_gbps: float | None
     bandwidth_fraction: float | None
+    dense_compiled_ms_per_token: float | None = None
+    std_compiled_ms_per_token: float | None = None
+    auto_compiled_ms_per_token: float | None = None
+    compiled_dense_step_ms: float | None = None
+    compiled_draft_step_ms: float | None = None
+    compiled_verify_step_ms: float | None = None
+    compiled_dense_step_ratio: float | None = None
+    compiled_draft_step_ratio: float | None = None
+    compiled_verify_step_ratio: float | None = None
+    compiled_decode_speedup: float | None = None
+    compile_s: float | None = None
+    timed_compiles: int | None = None
 
 
 def build_record(
@@ -167,6 +187,7 @@ def build_record(
     samples: dict[str, list[Sample]],
     calibrated: StepCosts | None = None,
     vision_seconds: float | None = None,
+    warmups: dict[str, Sample] | None = None,
 ) -> DecoderRecord:
     """Medians, ratios and projections of one case's samples (see the module docstring)."""
     model, dense, std = bench.model, samples["dense"], samples.get("std")
@@ -181,8 +202,50 @@ def build_record(
         **_calibrated(calibrated, case.gamma),
         **_memory(model.device, samples),
         **_bandwidth(model, inputs, dense, std),
+        **_compiled(samples, warmups or {}),
     }
     return DecoderRecord(**fields)
+
+
+def _step_ms(dense: list[Sample] | None, std: list[Sample] | None) -> tuple:
+    """Dense, draft and verify step milliseconds (as ``dense_step_ms`` etc.), None where not run."""
+
+    def ms(samples: list[Sample] | None, value) -> float | None:
+        median = _median(samples, value)
+        return None if median is None else 1000 * median
+
+    return (
+        ms(dense, lambda s: s.verify_seconds / max(1, s.rounds)),
+        ms(std, lambda s: s.draft_seconds / max(1, sum(s.round_gammas))),
+        ms(std, lambda s: s.verify_seconds / max(1, s.rounds)),
+    )
+
+
+def _compiled(samples: dict[str, list[Sample]], warmups: dict[str, Sample]) -> dict:
+    """The compiled twins' times and step costs beside the eager ones (all None without them)."""
+    compiled = [v for v in samples if v.endswith(COMPILED_SUFFIX)]
+    if not compiled:
+        return {}
+    out = {}
+    for variant in ("dense", "std", "auto"):
+        ss = samples.get(f"{variant}{COMPILED_SUFFIX}")
+        per_token = _median(ss, lambda s: s.decode_seconds / max(1, s.steps))
+        out[f"{variant}_compiled_ms_per_token"] = None if per_token is None else 1000 * per_token
+    eager = _step_ms(samples.get("dense"), samples.get("std"))
+    steps = _step_ms(samples.get(f"dense{COMPILED_SUFFIX}"), samples.get(f"std{COMPILED_SUFFIX}"))
+    for name, mine, theirs in zip(("dense", "draft", "verify"), steps, eager, strict=True):
+        out[f"compiled_{name}_step_ms"] = mine
+        out[f"compiled_{name}_step_ratio"] = _ratio(mine, theirs)
+    decode = {
+        v: _median(samples.get(f"{v}{COMPILED_SUFFIX}"), lambda s: s.decode_seconds) for v in ("dense", "std")
+    }
+    out["compiled_decode_speedup"] = _ratio(decode["dense"], decode["std"])
+    calls = [s for v in compiled for s in samples[v]]
+    out["compile_s"] = sum(s.compile_seconds for s in calls) + sum(
+        warmups[v].compile_seconds for v in compiled if v in warmups
+    )
+    out["timed_compiles"] = sum(s.compiles for s in calls)
+    return out
 
 
 def _median(samples: list[Sample] | None, value) -> float | None:

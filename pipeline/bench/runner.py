@@ -66,6 +66,11 @@ class DecoderBenchConfig:
         (), "also time fixed-γ StD at these γ (variants std_g<γ>): auto_vs_best then compares with the best"
     )
     acceptance_profile: float = flag(0.62, "profile for projections", name="acceptance")
+    compile: bool = flag(
+        False,
+        "also time every std_core variant with compiled static steps (<variant>_compiled, side by side)",
+    )
+    compile_backend: str = flag("inductor", "torch.compile backend of --compile (aot_eager: no C++ compiler)")
     sweep: bool = flag(False, "write <out>/decoder-*.{md,csv,png}")
     out: str = flag("bench-out", "folder for the sweep files")
     costs_from: str | None = flag(None, "a preset sweep CSV to project at this acceptance")
@@ -135,6 +140,8 @@ def cases(config: DecoderBenchConfig) -> list[DecoderCase]:
         variants=config.variants,
         fixed_gammas=config.fixed_gammas,
         acceptance_profile=config.acceptance_profile,
+        compile=config.compile,
+        compile_backend=config.compile_backend,
     )
     return [DecoderCase(batch=b, **{key: n}, **common) for n in sizes for b in config.batches]
 

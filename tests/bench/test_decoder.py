@@ -214,3 +214,30 @@ def test_fixed_gammas_are_timed_and_auto_is_compared_with_the_best_of_them() -> 
     assert 0 < record["draft_bytes_ratio"] < 1 and record["round_overhead_ratio"] >= 0
     assert record["dense_round_overhead_ms"] >= 0 and record["auto_round_overhead_ms"] >= 0
     assert _decoder_config("--fixed-gammas", "2", "4").fixed_gammas == (2, 4)
+
+
+def test_compiled_variants_are_timed_beside_the_eager_ones() -> None:
+    """``--compile`` adds a ``_compiled`` twin of every std_core variant (trace-only backend here: no C++
+    compiler needed); their tokens equal dense's, their step costs and compile seconds are reported."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(PRESETS["kv-bound"], init_std=0.5)
+    case = DecoderCase(
+        batch=2, visual_tokens=192, gamma=3, sparse_budget=48, max_new_tokens=8, repeats=1,
+        variants=("std", "dense", "hf"), compile=True, compile_backend="aot_eager",
+    )  # fmt: skip
+    assert case.timed_variants == ("std", "dense", "hf", "std_compiled", "dense_compiled")
+    try:
+        record = dataclasses.asdict(run_case(BenchModel(model, "kv-bound"), case))
+    finally:
+        torch._dynamo.reset()
+    assert record["outputs_equal"] is True, record["mismatched_variants"]
+    for name in ("dense_compiled_ms_per_token", "std_compiled_ms_per_token", "compiled_dense_step_ms"):
+        assert record[name] > 0, name
+    for name in ("compiled_draft_step_ratio", "compiled_verify_step_ratio", "compiled_decode_speedup"):
+        assert record[name] > 0, name
+    assert record["auto_compiled_ms_per_token"] is None
+    assert record["compile_s"] > 0 and record["timed_compiles"] == 0  # compiled in the warm-up, reported
+    flags = _decoder_config("--compile", "--compile-backend", "aot_eager")
+    assert (flags.compile, flags.compile_backend) == (True, "aot_eager")
+    assert DecoderBenchConfig().compile is False

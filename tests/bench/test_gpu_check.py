@@ -25,8 +25,10 @@ def test_the_gpu_check_runs_every_step_on_a_tiny_preset(tmp_path: Path) -> None:
     assert lossless["reference_distinct_tokens"] > 4  # varied reference tokens, not one repeated
     assert lossless["sparse_budget"] < lossless["visual_tokens"]  # a real sparse draft
     assert "parallel_equal" in lossless and 0.0 <= lossless["sequential_acceptance"] <= 1.0
+    assert "compiled_sequential_equal" in lossless and lossless["compiled_sequential_compile_s"] > 0
     [case] = report["benchmark"]
     assert case["status"] == "ok" and case["records"]["outputs_equal"] is True
+    assert all(r["std_compiled_ms_per_token"] > 0 and r["compile_s"] > 0 for r in case["records"]["records"])
     assert [(r["visual_tokens"], r["batch"]) for r in case["records"]["records"]] == [(512, 1), (512, 2)]
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## bf16 losslessness" in text and "| 512 | 2 |" in text
