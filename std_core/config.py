@@ -40,6 +40,12 @@ _QUERIES = ("all_text", "after_visual")
 _STATIC = ("auto", "compile", "eager", "off")
 
 
+# What static_steps="auto" means on CUDA. Compiled, graph-captured steps are the point of static
+# steps there, but they have never run on a GPU: until scripts/gpu_check.py has passed on one
+# (bf16 sequential verify equal to generate, compiled included), CUDA decodes with "off" by default.
+COMPILE_ON_CUDA = False
+
+
 @dataclass(frozen=True)
 class StdConfig:
     """Configuration of :class:`std_core.SparseToDenseDecoder`.
@@ -74,8 +80,11 @@ class StdConfig:
             CUDA; each (batch, γ, capacity) bucket compiles once, on its first call (timed in
             ``DecodeStats.compile_seconds``). ``"eager"``: the same static steps, not compiled.
             ``"off"``: the Hugging Face forward over the used cache prefix. ``"auto"`` (default):
-            ``"compile"`` on CUDA, ``"off"`` on CPU, where compiled steps measured slower (see
-            BENCHMARKS.md). Architectures the static step does not support decode as ``"off"``.
+            ``"off"`` on CPU, where compiled steps measured slower (see BENCHMARKS.md); on CUDA
+            ``"compile"`` once :data:`COMPILE_ON_CUDA` is set, which waits for the compiled and
+            graph-captured steps to pass ``scripts/gpu_check.py`` on a GPU (they have never run on
+            one), and ``"off"`` until then. Architectures the static step does not support decode
+            as ``"off"``.
         compile_backend: the ``torch.compile`` backend of ``"compile"``: ``"inductor"`` (needs a C++
             compiler on CPU), or ``"aot_eager"`` / ``"eager"`` (trace only: graph-break and
             recompile checks without a compiler). fp32 exactness against ``generate`` is tested
@@ -117,8 +126,8 @@ class StdConfig:
             )
 
     def static_steps_on(self, device_type: str) -> StaticSteps:
-        """``static_steps`` with ``"auto"`` resolved for a device type: ``"compile"`` on ``"cuda"``,
-        else ``"off"``."""
+        """``static_steps`` with ``"auto"`` resolved for a device type: ``"compile"`` on ``"cuda"``
+        where :data:`COMPILE_ON_CUDA`, else ``"off"``."""
         if self.static_steps == "auto":
-            return "compile" if device_type == "cuda" else "off"
+            return "compile" if device_type == "cuda" and COMPILE_ON_CUDA else "off"
         return self.static_steps

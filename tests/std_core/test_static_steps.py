@@ -22,6 +22,7 @@ import torch
 import torch._dynamo
 
 from std_core import SparseToDenseDecoder, StdConfig
+from std_core import config as config_module
 from std_core import decoder as decoder_module
 from std_core import kv_cache as kv_module
 from std_core.shared_prefill import generate_shared
@@ -51,7 +52,8 @@ def test_config_validates_and_resolves_auto() -> None:
     with pytest.raises(ValueError, match="compile_backend"):
         StdConfig(compile_backend="")
     assert StdConfig().static_steps_on("cpu") == "off"
-    assert StdConfig().static_steps_on("cuda") == "compile"
+    assert StdConfig().static_steps_on("cuda") == ("compile" if config_module.COMPILE_ON_CUDA else "off")
+    assert StdConfig(static_steps="compile").static_steps_on("cuda") == "compile"
     assert StdConfig(static_steps="eager").static_steps_on("cuda") == "eager"
 
 
