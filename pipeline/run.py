@@ -155,7 +155,7 @@ def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
 def _concat(tables: list[pa.Table]) -> pa.Table:
     if not tables:
         return ITEM_SCHEMA.empty_table()
-    return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+    return pa.concat_tables(tables).unify_dictionaries()  # chunked as read: combining would copy it all
 
 
 def _sample_input(config: PipelineConfig) -> str:

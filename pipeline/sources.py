@@ -596,7 +596,8 @@ def _caption_items(records: pa.Table, prompt: str) -> pa.Table:
             "options": pa.nulls(n, pa.list_(_TEXT)),
             "answer": answer,
             "error": nothing,
-            "source_uri": pc.if_else(signed, video, None),
+            # the URI to read where it was redacted; all null (no copy of the URIs) when none was
+            "source_uri": pc.if_else(signed, video, None) if pc.any(signed).as_py() else nothing,
         },
         schema=ITEM_SCHEMA,
     )
