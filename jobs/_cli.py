@@ -27,7 +27,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pipeline.errors import PipelineError, RunInterrupted, sigterm_raises
 
@@ -235,3 +235,13 @@ def run_main(body: Callable[[], dict], log_level: str = "info") -> int:
 def _finish(result: dict, code: int) -> int:
     print(json.dumps(result, default=str), flush=True)
     return code
+
+
+def exit_process(code: int) -> NoReturn:
+    """``sys.exit(code)`` for a job's ``__main__``, once :func:`run_main` has printed the JSON line:
+    whatever is still printed after it (Ray's log thread relays a worker's last lines, such as an
+    actor's "killed by ray.kill", up to a few seconds late; exit handlers) goes to stderr, so the
+    JSON line stays the last line of stdout."""
+    sys.stdout.flush()
+    sys.stdout = sys.stderr
+    sys.exit(code)

@@ -12,9 +12,7 @@ The last stdout line is the run summary (one JSON object).
 
 from __future__ import annotations
 
-import sys
-
-from jobs._cli import build_parser, config_from_args, run_main
+from jobs._cli import build_parser, config_from_args, exit_process, run_main
 from pipeline.config import PipelineConfig
 from pipeline.run import run_pipeline
 
@@ -28,4 +26,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

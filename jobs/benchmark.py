@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: fair on a shared CPU
 
-from jobs._cli import build_command_parser, config_from_args, run_main  # noqa: E402
+from jobs._cli import build_command_parser, config_from_args, exit_process, run_main  # noqa: E402
 from pipeline.bench.pipeline_bench import PipelineBenchConfig, run_pipeline_benchmark  # noqa: E402
 from pipeline.bench.planning import PlanningBenchConfig, run_planning_benchmark  # noqa: E402
 from pipeline.bench.prefix_memory import PrefixMemoryBenchConfig, run_prefix_memory_benchmark  # noqa: E402
@@ -56,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,9 +26,7 @@ option4,answer=correct_choice,group=duration_group --video-template "{root}/vide
 
 from __future__ import annotations
 
-import sys
-
-from jobs._cli import add_config_flags, build_parser, config_from_args, run_main
+from jobs._cli import add_config_flags, build_parser, config_from_args, exit_process, run_main
 from pipeline.benchmarks import PRESET_SETTINGS, BenchmarkConfig
 from pipeline.config import PipelineConfig
 from pipeline.evaluation import ALL_TASKS, EVALUATION_FIXED, EVALUATION_TASKS, run_evaluation
@@ -58,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs._cli import build_parser, config_from_args, run_main
+from jobs._cli import build_parser, config_from_args, exit_process, run_main
 from pipeline.demo.training import TrainConfig, train_demo_model  # sets OMP_WAIT_POLICY before torch loads
 
 PROG = "python -m jobs.train_demo_model"
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
