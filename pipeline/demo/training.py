@@ -15,7 +15,8 @@ long inputs are what the StD benchmark measures). The batch shrinks as ``n`` gro
 about the same number of visual tokens.
 
 Logged: loss and learning rate, and every ``--eval-every`` steps the teacher-forced held-out exact-match
-rate per task (equal to greedy exact match). At the end, the model is saved with its processor, greedy-
+rate per task (equal to greedy exact match) and the share of the captions' colour, shape and motion words
+predicted right (which attribute is learned, before whole captions are). At the end, the model is saved with its processor, greedy-
 evaluated on ``--final-eval-clips`` held-out clips that went through H.264, once per frame count in
 ``--final-eval-frames``, and its card (README.md) is written. :func:`train_demo_model` is the whole run;
 ``jobs/train_demo_model.py`` maps its flags one-to-one onto :class:`TrainConfig` and prints the summary
@@ -184,23 +185,30 @@ def training_batch(
     return dict(batch)
 
 
+AUX_MIN_COVER = 1 / 8  # a token is labelled with a shape that covers this share of its 28-px cell
+
+
 def token_labels(clip: world.Clip, picks: Sequence[int]) -> torch.Tensor:
     """Per merged visual token, in the processor's order (temporal patch, then row, then column):
-    ``[tokens, 2]`` = (shape class, motion class) of the shape whose centre lies in the token's 28-px
-    cell on the patch's first frame, 0 where none does (classes are 1 + the index in SHAPES / MOTIONS)."""
+    ``[tokens, 2]`` = (shape class, motion class) of the shape covering most of the token's 28-px cell on
+    the patch's first frame (at least AUX_MIN_COVER of it), 0 where none does (classes are 1 + the index
+    in SHAPES / MOTIONS). Every token a shape covers is labelled, so each of them learns to carry it."""
     cell = 2 * 14  # merge 2 x patch 14
     rows, cols = clip.height // cell, clip.width // cell
     groups = (len(picks) + 1) // 2
+    yy, xx = np.mgrid[0 : rows * cell, 0 : cols * cell].astype(np.float32)
     labels = torch.zeros(groups, rows, cols, 2, dtype=torch.long)
     for g in range(groups):
-        f = picks[2 * g]
+        f, best = picks[2 * g], np.full((rows, cols), AUX_MIN_COVER * cell * cell)
         for t in clip.tracks:
             if t.appear <= f < t.disappear:
-                cx, cy = t.centre(f)
-                r, c = min(rows - 1, int(cy // cell)), min(cols - 1, int(cx // cell))
-                labels[g, r, c] = torch.tensor(
+                mask = world.shape_mask(t.shape, *t.centre(f), yy, xx)
+                cover = mask.reshape(rows, cell, cols, cell).sum(axis=(1, 3))
+                wins = torch.from_numpy(cover >= best)
+                labels[g][wins] = torch.tensor(
                     [1 + world.SHAPES.index(t.shape), 1 + world.MOTIONS.index(t.motion)]
                 )
+                best = np.maximum(best, cover)
     return labels.reshape(-1, 2)
 
 
@@ -279,17 +287,33 @@ def monitor_batches(
     return batches
 
 
+def attribute_ids(tokenizer: object) -> dict[str, torch.Tensor]:
+    """Token ids of each caption attribute's words (colour, shape, motion), for :func:`monitor`."""
+    words = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "motion": list(world.MOTIONS)}
+    return {k: torch.tensor(tokenizer.convert_tokens_to_ids(v)) for k, v in words.items()}
+
+
 @torch.no_grad()
-def monitor(model: torch.nn.Module, batches: list[tuple[str, dict]], device: str) -> dict[str, float]:
-    """Exact-match rate of the argmax answer under teacher forcing, per task and frame count."""
+def monitor(
+    model: torch.nn.Module,
+    batches: list[tuple[str, dict]],
+    device: str,
+    attributes: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Exact-match rate of the argmax answer under teacher forcing, per task and frame count; with
+    ``attributes``, also the argmax accuracy on each attribute's words in the captions
+    (``caption@8f:shape``: the caption tokens that name a shape, predicted right)."""
     model.eval()
     out = {}
     for name, batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         labels = batch["labels"][:, 1:]
-        right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
-        out[name] = round(right.all(dim=1).float().mean().item(), 3)
+        hit = logits[:, :-1].argmax(-1) == labels
+        out[name] = round((hit | (labels == IGNORE)).all(dim=1).float().mean().item(), 3)
+        for attribute, ids in (attributes or {}).items() if name.startswith("caption") else ():
+            where = torch.isin(labels, ids.to(device))
+            out[f"{name}:{attribute}"] = round(hit[where].float().mean().item(), 3)
     model.train()
     return out
 
@@ -328,7 +352,8 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
     aux = VisualAux(model).to(cfg.device) if cfg.aux_weight else None
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    watch = monitor_batches(processor, world.heldout_seeds(16, offset=900_000), (8, 64))
+    watch = monitor_batches(processor, world.heldout_seeds(32, offset=900_000), (8, 32))
+    attributes = attribute_ids(processor.tokenizer)
     records, smoothed = [], None
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5, file=sys.stderr)
@@ -345,7 +370,7 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
             bar.set_postfix(loss=f"{smoothed:.3f}", frames=num_frames)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 record = {"step": step + 1, "loss": round(smoothed, 4), "lr": learning_rate(step, cfg)}
-                record["heldout_teacher_forced"] = monitor(model, watch, cfg.device)
+                record["heldout_teacher_forced"] = monitor(model, watch, cfg.device, attributes)
                 records.append(record)
                 log.info("%s", json.dumps(record))
     return records

@@ -49,6 +49,7 @@ FRAME_WIDTH = 168
 MIN_FRAMES = 32
 MAX_FRAMES = 256
 FRAME_STEP = 16  # clip lengths are multiples of this, so clips of one length batch without padding
+SHAPE_COUNTS, SHAPE_COUNT_WEIGHTS = (1, 2, 3), (0.2, 0.4, 0.4)  # shapes per clip and their odds
 SHAPE_RADIUS = 21  # half the side of a shape's bounding box: a shape spans about 1.5 tokens (28 px)
 MIN_TRAVEL, MAX_TRAVEL = 40, 70  # pixels a shape moves over its lifetime
 TRAIL_LENGTH = 28  # a moving shape leaves a dim trail this long behind it (its motion, legible per frame)
@@ -136,7 +137,7 @@ def make_clip(seed: int, num_frames: int | None = None) -> Clip:
     length = sampled_length if num_frames is None else num_frames
     if length < 16 or length % 2:
         raise ValueError(f"num_frames must be an even number >= 16, got {length}")
-    n = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
+    n = int(rng.choice(list(SHAPE_COUNTS), p=SHAPE_COUNT_WEIGHTS))
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     spans = _sample_spans(rng, n, length)
     tracks: list[Track] = []
@@ -206,7 +207,7 @@ def render_frames(clip: Clip, indices: Sequence[int] | None = None) -> np.ndarra
             trail = _trail_mask(track.motion, *track.centre(f), yy, xx)
             frame[trail] = (frame[trail] + np.array(COLOURS[track.colour])) // 2
         for track in visible:
-            frame[_shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
+            frame[shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
         frames[i] = frame
     return frames
 
@@ -228,7 +229,7 @@ def _trail_mask(motion: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarra
     return (along <= 0) & (along >= -(SHAPE_RADIUS + TRAIL_LENGTH)) & (across <= SHAPE_RADIUS / 2)
 
 
-def _shape_mask(shape: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     r = SHAPE_RADIUS
     if shape == "square":
         return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)

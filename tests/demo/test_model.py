@@ -155,6 +155,34 @@ def test_training_refuses_existing_weights_before_it_builds_anything(tmp_path: P
     assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
 
 
+class _Oracle(torch.nn.Module):
+    """Predicts each next label token (argmax), except the ``wrong`` ids, which it predicts as pad."""
+
+    def __init__(self, labels: torch.Tensor, vocab: int, wrong: torch.Tensor) -> None:
+        super().__init__()
+        self.labels, self.vocab, self.wrong = labels, vocab, wrong
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+        target = torch.cat([self.labels[:, 1:], self.labels[:, :1]], dim=1).clamp(min=0)
+        target = target.where(~torch.isin(target, self.wrong), 0)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(target, self.vocab).float()})
+
+
+def test_monitor_scores_each_caption_attribute_apart() -> None:
+    """Exact match per task and, on captions, the share of colour / shape / motion words predicted right."""
+    from pipeline.demo.training import attribute_ids, monitor, monitor_batches
+
+    processor = builders.build_processor()
+    ids = attribute_ids(processor.tokenizer)
+    (name, batch), *_ = monitor_batches(processor, world.heldout_seeds(3), (8,))
+    assert name == "caption@8f"
+    vocab = len(processor.tokenizer)
+    perfect = monitor(_Oracle(batch["labels"], vocab, torch.tensor([-1])), [(name, batch)], "cpu", ids)
+    assert perfect == {name: 1.0, f"{name}:colour": 1.0, f"{name}:shape": 1.0, f"{name}:motion": 1.0}
+    no_shapes = monitor(_Oracle(batch["labels"], vocab, ids["shape"]), [(name, batch)], "cpu", ids)
+    assert no_shapes == {name: 0.0, f"{name}:colour": 1.0, f"{name}:shape": 0.0, f"{name}:motion": 1.0}
+
+
 def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> None:
     from pipeline.demo.training import TrainConfig, step_batch
 
@@ -168,7 +196,8 @@ def test_single_shape_curriculum_trains_on_each_clips_first_shape_alone() -> Non
 
 
 def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
-    """The auxiliary labels follow the vision tower's token order: temporal patch, row, column."""
+    """The auxiliary labels follow the vision tower's token order (temporal patch, row, column) and mark
+    every token whose 28-px cell a shape covers, the one at its centre included, and no other."""
     from pipeline.demo.training import token_labels
 
     for seed in range(5):
@@ -178,7 +207,15 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
         frames = world.render_frames(clip, picks)
         for g in range(4):
             visible = [t for t in clip.tracks if t.appear <= picks[2 * g] < t.disappear]
-            assert int((labels[g, ..., 0] > 0).sum()) == len(visible)
+            classes = {
+                (1 + world.SHAPES.index(t.shape), 1 + world.MOTIONS.index(t.motion)): t for t in visible
+            }
+            labelled = labels[g, ..., 0] > 0
+            assert int(labelled.sum()) >= len(visible)
+            for r, c in labelled.nonzero().tolist():
+                track = classes[tuple(labels[g, r, c].tolist())]  # a visible shape's classes
+                cell = frames[2 * g][28 * r : 28 * r + 28, 28 * c : 28 * c + 28]
+                assert _colour_pixels(cell, track.colour).sum() >= 28 * 28 / 8  # it covers the cell
             for t in visible:
                 cx, cy = t.centre(picks[2 * g])
                 r, c = int(cy // 28), int(cx // 28)
@@ -187,6 +224,10 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
                     1 + world.MOTIONS.index(t.motion),
                 ]
                 assert tuple(frames[2 * g][int(cy), int(cx)]) == world.COLOURS[t.colour]  # the shape is there
+
+
+def _colour_pixels(frame: object, colour: str) -> object:
+    return (frame == torch.tensor(world.COLOURS[colour], dtype=torch.uint8).numpy()).all(axis=-1)
 
 
 @pytest.mark.slow
