@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.demo import world
+
 
 def model_card(s: dict) -> str:
     """The model card (README.md) of a finished run, from its summary."""
@@ -42,6 +44,9 @@ def model_card(s: dict) -> str:
             "model = AutoModelForImageTextToText.from_pretrained(default_model_dir())",
             "```",
             "",
+            "## The world",
+            *world_lines(),
+            "",
             "## Architecture",
             f"- language model: hidden {spec['text_hidden']}, {spec['text_layers']} layers, {spec['text_heads']}"
             f" query heads / {spec['text_kv_heads']} KV heads (GQA), MLP {spec['text_intermediate']}, M-RoPE,"
@@ -54,6 +59,9 @@ def model_card(s: dict) -> str:
             "",
             "## Training",
             f"- command: `{s['command']}`",
+            f"- {s['config']['steps']} steps, peak learning rate {s['config']['lr']:g} after"
+            f" {s['config']['warmup']} warm-up steps, {s['config']['clips_per_step']} clips per step at 8 frames,"
+            f" auxiliary visual-token loss weight {s['config']['aux_weight']:g} (training only);",
             f"- seed {s['config']['seed']}; machine: {s['machine']}",
             f"- wall time: {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all"
             f" (with the final evaluation); load average (15 min) at the end of training: {s['load_average']}",
@@ -67,7 +75,8 @@ def model_card(s: dict) -> str:
             "",
             *rows,
             "",
-            "Teacher-forced held-out exact match during training (16 clips per frame count):",
+            "Teacher-forced held-out exact match during training (32 clips per frame count; `:colour`,"
+            " `:shape`, `:motion`: the caption tokens naming that attribute, predicted right):",
             "",
             "| step | loss | exact match per task@frames |",
             "|---|---|---|",
@@ -75,6 +84,23 @@ def model_card(s: dict) -> str:
             "",
         ]
     )
+
+
+def world_lines() -> list[str]:
+    """The card's description of the world, from ``pipeline.demo.world``'s constants."""
+    span = f"{100 * world.MIN_LIFE:.0f}-{100 * world.MAX_LIFE:.0f}%"
+    return [
+        f"- {min(world.SHAPE_COUNTS)}-{max(world.SHAPE_COUNTS)} shapes per clip, of {len(world.COLOURS)} colours x {len(world.SHAPES)} shapes ({', '.join(world.SHAPES)},"
+        f" {2 * world.SHAPE_RADIUS} px across) x {len(world.MOTIONS)} directions; each shape visible for"
+        f" {span} of the clip, moving {world.MIN_TRAVEL}-{world.MAX_TRAVEL} px with a dim trail behind it;",
+        f"- clips of {world.MIN_FRAMES}-{world.MAX_FRAMES} frames at {world.FRAME_WIDTH}x{world.FRAME_HEIGHT};"
+        " the caption names each shape in order of appearance; the questions ask which colour appeared or"
+        " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"
+        " MCQ item asks one of them with shuffled options;",
+        "- every answer depends on the few frames where a shape is visible and on the few visual tokens it"
+        f" covers ({(2 * world.SHAPE_RADIUS) ** 2 / (world.FRAME_WIDTH * world.FRAME_HEIGHT):.0%} of the"
+        " frame's area for a square).",
+    ]
 
 
 def machine() -> str:

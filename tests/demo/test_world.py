@@ -163,3 +163,18 @@ def test_a_moving_shape_leaves_its_trail_behind_it() -> None:
             dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[track.motion]
             along = (xs - cx) * dx + (ys - cy) * dy
             assert len(xs) > 50 and np.all(along < 0), (seed, track.motion)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_answers_are_sparse_in_time_and_space(seed: int) -> None:
+    """Each shape is visible on a minority of the frames, and covers a small part of each frame it is on:
+    what an answer depends on is a few visual tokens of a few frames."""
+    clip = world.make_clip(seed)
+    frames = world.render_frames(clip)
+    bare = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=()))
+    for track in clip.tracks:
+        assert track.disappear - track.appear <= world.MAX_LIFE * clip.num_frames + 1
+        visible = range(track.appear, track.disappear)
+        assert max(_colour_pixels(frames[f], track.colour).mean() for f in visible) < 0.1, (seed, track)
+    changed = np.any(frames != bare, axis=-1).mean(axis=(1, 2))  # shapes and trails, per frame
+    assert changed.max() < 0.25
