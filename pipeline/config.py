@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.storage import StorageOptions
-from std_core.config import StdConfig
+from std_core.config import StaticSteps, StdConfig
 
 if TYPE_CHECKING:  # pipeline.frames loads the video decoders: imported where a sampling is built
     from pipeline.frames import FrameSampling
@@ -118,6 +118,15 @@ class PipelineConfig:
         (
             "Prompt tokens kept in the sparse draft cache per (layer, KV head). Smaller drafts faster but "
             "gets fewer drafts accepted."
+        ),
+    )
+    static_steps: StaticSteps = flag(
+        "auto",
+        (
+            '"compile" runs the draft and verify steps as static-shape steps under torch.compile (CUDA '
+            'graphs on a GPU), compiled once per shape bucket on its first use; "eager" the same steps '
+            'uncompiled; "off" the plain forward. "auto": "off" (compiled steps measured slower on CPU and '
+            "have not yet been checked on a GPU). Same output either way."
         ),
     )
     dense_sample: int = flag(
@@ -292,8 +301,14 @@ class PipelineConfig:
         self.std_config()  # the decoder's own validation, before anything runs
 
     def std_config(self) -> StdConfig:
-        """The decoder's configuration: ``--decoder``, ``--gamma`` and ``--sparse-budget``."""
-        return StdConfig(mode=self.decoder, gamma=self.gamma, sparse_budget=self.sparse_budget)
+        """The decoder's configuration: ``--decoder``, ``--gamma``, ``--sparse-budget`` and
+        ``--static-steps``."""
+        return StdConfig(
+            mode=self.decoder,
+            gamma=self.gamma,
+            sparse_budget=self.sparse_budget,
+            static_steps=self.static_steps,
+        )
 
     def frame_sampling(self, model_max_pixels: int) -> FrameSampling:
         """How the decode stage samples and sizes frames; ``model_max_pixels`` (the model processor's

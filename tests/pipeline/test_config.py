@@ -72,3 +72,19 @@ def test_the_job_refuses_them_at_parse_time(
         "status": "error",
         "error": message,
     }
+
+
+def test_decoder_flags_reach_the_decoders_config() -> None:
+    """--decoder (auto by default), --gamma, --sparse-budget and --static-steps become the StdConfig the
+    actors build their decoder from."""
+    from jobs._cli import build_parser, config_from_args
+
+    assert PipelineConfig().std_config().mode == "auto"
+    assert PipelineConfig().std_config().static_steps_on("cpu") == "off"
+    parser = build_parser(PipelineConfig, "caption", "test")
+    argv = ["--decoder", "std", "--gamma", "4", "--sparse-budget", "256", "--static-steps", "eager"]
+    config = config_from_args(PipelineConfig, parser.parse_args(argv))
+    std = config.std_config()
+    assert (std.mode, std.gamma, std.sparse_budget, std.static_steps) == ("std", 4, 256, "eager")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--static-steps", "fast"])
