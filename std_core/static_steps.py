@@ -188,7 +188,7 @@ class StaticSession:
         ``positions``, written at the row cursors; logits ``[B, q, V]``."""
         q = tokens.shape[1]
         mask = cache.begin_forward(q, full=True)  # [B, 1, groups * q, capacity]
-        slots = cache.lengths[:, None] + (cache.pending + torch.arange(q, device=tokens.device))[None]
+        slots = _packed(cache.window(cache.pending + q)[:, cache.pending :])  # the cache's own write slots
         view = self._views.get(cache)
         if view is None:
             view = self._views[cache] = StaticSlots(cache)
