@@ -9,7 +9,9 @@ always agrees with the Parquet files:
   sample), so both sides decoded exactly the same inputs on the same actor; ``speedup_batches`` says
   how many batches it rests on and ``speedup_median_batch`` is the median of the per-batch ratios (one
   slow batch cannot dominate it);
-- ``videos_per_s`` is over the whole wall time (Ray start-up and model load included);
+- ``videos``: counted per result batch (a video's rows come back in one batch: the read stage keeps
+  its items in one block), so the driver keeps no set of the run's video ids;
+- ``videos_per_s`` is over the whole wall time (planning, Ray start-up and model load included);
   ``steady_videos_per_s`` over the time between the first and the last result batch (``startup_seconds``
   is the time to the first one);
 - ``rows_budget_covers_prompt``: rows whose whole prompt fits the sparse budget, where the sparse draft
@@ -61,13 +63,14 @@ class RunAccounting:
     first_batch_at: float | None = None
     last_batch_at: float | None = None
     first_batch_videos: int = 0
-    _videos: set[str] = field(default_factory=set)
+    videos: int = 0
 
     def add(self, table: pa.Table) -> None:
         """Count one result batch (the rows one actor call returned)."""
         std_seconds = dense_seconds = 0.0
+        batch_videos: set[str] = set()
         for row in table.to_pylist():
-            self._add_row(row)
+            self._add_row(row, batch_videos)
             if row["status"] == STATUS_OK and row["dense_decode_seconds"] is not None:
                 std_seconds += row["decode_seconds"] or 0.0
                 dense_seconds += row["dense_decode_seconds"]
@@ -77,9 +80,10 @@ class RunAccounting:
         if self.first_batch_at is None:
             self.first_batch_at, self.first_batch_videos = self.last_batch_at, self.videos
 
-    def _add_row(self, row: dict) -> None:
-        if row["video_id"] not in self._videos:
-            self._videos.add(row["video_id"])
+    def _add_row(self, row: dict, batch_videos: set[str]) -> None:
+        if row["video_id"] not in batch_videos:
+            batch_videos.add(row["video_id"])
+            self.videos += 1
             self.frames += row["num_frames"] or 0
         if row["status"] != STATUS_OK:
             self.rows_error += 1
@@ -104,10 +108,6 @@ class RunAccounting:
     @property
     def rows(self) -> int:
         return self.rows_ok + self.rows_error
-
-    @property
-    def videos(self) -> int:
-        return len(self._videos)
 
     def progress_line(self, recent_rate: float | None = None) -> str:
         """Rows done of expected (percentage), videos, the current rate (``recent_rate`` rows/s, else the
