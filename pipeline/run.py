@@ -20,11 +20,11 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -41,9 +41,22 @@ from pipeline.errors import PipelineError, RunInterrupted, SignalGuard
 from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
+from pipeline.pending import (
+    CountingPending,
+    InDriverPending,
+    ObjectStorePending,
+    PendingChunk,
+    PendingStore,
+    chunk_refs,
+    lost_items,
+    read_video_rows,
+    task_sizes,
+    video_offsets,
+    video_starts,
+)  # fmt: skip
 from pipeline.schema import STATUS_ERROR, to_table
 from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
-from pipeline.sources import ITEM_SCHEMA, items_from_table, iter_items, iter_records, video_rows
+from pipeline.sources import ITEM_SCHEMA, items_from_table, iter_items, iter_records
 from pipeline.storage import StorageOptions, check_reachable, is_object_store, join, redact
 
 log = logging.getLogger(__name__)
@@ -52,7 +65,6 @@ log = logging.getLogger(__name__)
 # its items become error rows (Ray Data's default retries without end). Per-video faults never fail a
 # task: they are rows already.
 DECODE_TASK_RETRIES = 3
-MAX_BLOCKS = 10_000  # input blocks: one video each up to this many videos, then len / MAX_BLOCKS each
 DECODE_TASK_OVERHEAD = 300 << 20  # the task's interpreter, libraries and buffers beyond the frames
 
 
@@ -77,24 +89,40 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will do, decided in the driver before any model loads. It holds the items this run
-    processes (resume and --limit applied) and counts the rest: planning reads the input in chunks, so
-    the driver's memory follows the work of this run, not the size of the input or of the output."""
+    """What a run will do, decided in the driver before any model loads: the items this run processes
+    (resume and --limit applied), as chunks in a :class:`pipeline.pending.PendingStore`, and the counts
+    of the rest. Planning reads the input in chunks and hands each chunk's pending items to the store as
+    it goes, so the driver's memory follows one chunk, not the size of the input, the output or the run."""
 
     input: str
     storage: StorageOptions
     run_id: str
-    pending: pa.Table = field(default_factory=ITEM_SCHEMA.empty_table)  # ITEM_SCHEMA rows to run, in order
+    chunks: tuple[PendingChunk, ...] = ()  # the pending items to run, in order, a chunk each
+    store: PendingStore = field(default_factory=InDriverPending)
+    first_items: tuple[str, ...] = ()  # the first pending ids (what --dry-run shows)
     total: int = 0  # items the input defines
     done: int = 0  # items that already have an ok row in the output
     deferred: int = 0  # items left for a later run by --limit
 
     @property
     def to_run(self) -> int:
-        return self.pending.num_rows
+        return sum(c.items for c in self.chunks)
 
     def videos(self) -> int:
-        return len(video_starts(self.pending)) - 1
+        return sum(c.videos for c in self.chunks)
+
+    def iter_pending(self) -> Iterator[pa.Table]:
+        """The pending items, a chunk at a time (read back from the store)."""
+        for chunk in self.chunks:
+            yield self.store.get(chunk.handle)
+
+    def pending_items(self) -> pa.Table:
+        """Every pending item in one table: for small plans (tests, the stage benchmark) only."""
+        tables = list(self.iter_pending())
+        return pa.concat_tables(tables).unify_dictionaries() if tables else ITEM_SCHEMA.empty_table()
+
+
+FIRST_ITEMS = 10  # pending ids that --dry-run shows
 
 
 def new_run_id() -> str:
@@ -118,15 +146,22 @@ def check_inputs(config: PipelineConfig) -> Inputs:
     return Inputs(input_uri, storage, run_id)
 
 
-def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
+def plan_run(config: PipelineConfig, inputs: Inputs | None = None, store: PendingStore | None = None) -> Plan:
     """Read the input (checked as a whole: ids, formats, questions) and the output's rows, and apply
-    ``--if-exists`` and ``--limit``. A run holds the output's lease before this: the resume set is read
-    here. Raises PipelineError."""
+    ``--if-exists`` and ``--limit``; each chunk's pending items go to ``store`` (default: kept in the
+    driver) as they are read. A run holds the output's lease before this: the resume set is read here.
+    Raises PipelineError."""
     inputs = inputs or check_inputs(config)
     storage, run_id = inputs.storage, inputs.run_id
+    store = store or InDriverPending()
     done_ids = _existing_ok_ids(config, storage)
+    if part_files(config.output, storage, run_id):
+        raise PipelineError(
+            f"output {config.output} already holds files of run {run_id}: pass a new --run-id"
+        )
     room = math.inf if config.limit is None else config.limit
-    pending: list[pa.Table] = []
+    chunks: list[PendingChunk] = []
+    first: list[str] = []
     total = done = deferred = 0
     columns = ("id", "video_uri", "caption") if config.task == "caption" else None
     for items in iter_items(iter_records(inputs.input, storage, columns), config.task, config.prompt):
@@ -135,27 +170,19 @@ def plan_run(config: PipelineConfig, inputs: Inputs | None = None) -> Plan:
             is_done = pa.array([i in done_ids for i in items.column("id").to_pylist()], pa.bool_())
             done += pc.sum(is_done).as_py() or 0
             items = items.filter(pc.invert(is_done))
-        taken = min(items.num_rows, room)
+        taken = int(min(items.num_rows, room))
         if taken:
-            pending.append(items.slice(0, taken))
+            kept = items.slice(0, taken)
+            first += kept.column("id").slice(0, FIRST_ITEMS - len(first)).to_pylist()
+            chunks.append(PendingChunk(store.put(kept), taken, len(video_starts(kept)) - 1))
             room -= taken
         deferred += items.num_rows - taken
-    plan = Plan(inputs.input, storage, run_id, _concat(pending), total, done, deferred)
+    plan = Plan(inputs.input, storage, run_id, tuple(chunks), store, tuple(first), total, done, deferred)
     log.info(
-        "[plan] %d items from %s; %d done, %d deferred by --limit; %d to run",
-        total, redact(inputs.input), done, deferred, plan.to_run,
+        "[plan] %d items from %s; %d done, %d deferred by --limit; %d to run (%d videos, %d chunks)",
+        total, redact(inputs.input), done, deferred, plan.to_run, plan.videos(), len(chunks),
     )  # fmt: skip
-    if part_files(config.output, storage, run_id):
-        raise PipelineError(
-            f"output {config.output} already holds files of run {run_id}: pass a new --run-id"
-        )
     return plan
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    if not tables:
-        return ITEM_SCHEMA.empty_table()
-    return pa.concat_tables(tables).unify_dictionaries()  # chunked as read: combining would copy it all
 
 
 def _sample_input(config: PipelineConfig) -> str:
@@ -229,28 +256,35 @@ def build_dataset(
         from pipeline.annotator import Annotator as annotator_cls
 
     sampling = config.frame_sampling(pixel_limit(config.model, plan.storage))
-    # One video per block and per decode task (up to MAX_BLOCKS blocks): a decode task that dies (a
-    # worker killed for memory, say) costs its own video only. A block whose task still fails after
-    # its retries is dropped instead of failing the run; the driver writes an error row for each of
-    # its items (see _stream), so no item is lost. The pending items go to the object store once, and
-    # each read task cuts its own videos' rows from them: the driver builds no row and no block.
-    starts = video_starts(plan.pending)
-    videos = len(starts) - 1
-    videos_per_task = max(1, math.ceil(videos / MAX_BLOCKS))
-    ds = ray.data.range(videos, override_num_blocks=math.ceil(videos / videos_per_task))
+    # Decode tasks of one video each while there are at most MAX_READ_TASKS videos, growing to at most
+    # --batch-size videos beyond that (task_sizes): a decode task that dies (a worker killed for memory,
+    # say) costs its own videos only, a crash redoes at most a batch, and the first batch's videos are
+    # decoded before any later ones. A block whose task still fails after its retries is dropped instead
+    # of failing the run; the driver writes an error row for each of its items (see _stream), so no item
+    # is lost. Each read task cuts a whole number of decode blocks from the chunks of pending items in
+    # the object store (the plan's refs): the driver builds no row and no block.
+    sizes = task_sizes(plan.videos(), config.batch_size)
+    offsets = video_offsets(plan.chunks)
+    ds = ray.data.range(sizes.read_tasks, override_num_blocks=sizes.read_tasks)
     ds = ds.map_batches(
-        _video_rows,
-        fn_kwargs={"items": ray.put(plan.pending), "starts": ray.put(starts)},
+        read_video_rows,
+        fn_kwargs={
+            "chunks": chunk_refs(plan.store, plan.chunks),
+            "offsets": offsets,
+            "per_task": sizes.read_videos,
+        },  # fmt: skip
         batch_size=None,
         batch_format="numpy",
     )
+    if sizes.read_videos > sizes.decode_videos:  # fused into the read tasks: they yield decode blocks
+        ds = ds.repartition(target_num_rows_per_block=sizes.decode_videos)
     ds.context.max_errored_blocks = -1
     ds = ds.map_batches(
         decode_fn,
         fn_kwargs={"sampling": sampling, "storage": plan.storage},
-        batch_size=videos_per_task,
+        batch_size=sizes.decode_videos,
         num_cpus=1,
-        memory=decode_task_memory(sampling, videos_per_task),
+        memory=decode_task_memory(sampling, sizes.decode_videos),
         max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(
@@ -273,33 +307,12 @@ def build_dataset(
     )
 
 
-def video_starts(items: pa.Table) -> np.ndarray:
-    """Where each video's items start in ``items`` (a video's items are adjacent), and the end."""
-    ids = items.column("video_id")
-    n = len(ids)
-    if n < 2:
-        return np.arange(n + 1, dtype=np.int64)
-    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
-
-
-def _video_rows(batch: dict[str, np.ndarray], items: object, starts: object) -> pa.Table:
-    """Read stage (Ray tasks): the video rows (:func:`pipeline.sources.video_rows`) of the videos whose
-    indices ``batch`` holds, cut from the pending items in the object store."""
-    import ray
-
-    table, bounds = ray.get(items), ray.get(starts)
-    first, last = int(batch["id"][0]), int(batch["id"][-1])
-    lo, hi = int(bounds[first]), int(bounds[last + 1])
-    return pa.Table.from_pylist(video_rows(items_from_table(table.slice(lo, hi - lo))))
-
-
 def init_ray() -> None:
-    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start Ray locally."""
+    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start Ray locally (RAY_ADDRESS unset or empty)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)  # "": local
 
 
 def run_pipeline(
@@ -312,17 +325,24 @@ def run_pipeline(
     error while streaming or committing rows: ``error`` says which; what was committed stays)."""
     inputs = check_inputs(config)
     if config.dry_run:
-        return dry_run_summary(config, plan_run(config, inputs))
+        return dry_run_summary(config, plan_run(config, inputs, CountingPending()))
     with OutputLease(config.output, inputs.storage, inputs.run_id, wait=config.wait_for_lease) as lease:
-        return _run(config, plan_run(config, inputs), lease, annotator_cls, decode_fn)
+        started = time.perf_counter()  # the run's clock: planning and Ray start-up count
+        plan = plan_run(config, inputs, ObjectStorePending())  # starts Ray on the first pending chunk
+        return _run(config, plan, lease, annotator_cls, decode_fn, started)
 
 
 def _run(
-    config: PipelineConfig, plan: Plan, lease: OutputLease, annotator_cls: type | None, decode_fn: Callable
+    config: PipelineConfig,
+    plan: Plan,
+    lease: OutputLease,
+    annotator_cls: type | None,
+    decode_fn: Callable,
+    started: float,
 ) -> dict:
     """Stream the plan's items through the stages into the output; write and return the summary."""
     budget = config.sparse_budget if config.decoder != "dense" else None
-    accounting = RunAccounting(expected_rows=plan.to_run, sparse_budget=budget)
+    accounting = RunAccounting(expected_rows=plan.to_run, started=started, sparse_budget=budget)
     num_gpus = 0.0
     outcome = _Outcome()
     if plan.to_run:
@@ -378,15 +398,14 @@ LOST_ITEM_ERROR = (
 
 def lost_item_rows(config: PipelineConfig, plan: Plan, received: pa.Array | pa.ChunkedArray) -> pa.Table:
     """Error rows for the pending items that no result row came back for (their block was dropped);
-    ``received``: the ids of the rows that came back."""
+    ``received``: the ids of the rows that came back (each a pending item's)."""
     now = datetime.now(timezone.utc)
-    lost = plan.pending.filter(pc.invert(pc.is_in(plan.pending.column("id"), value_set=received)))
     rows = [
         {"id": item.id, "video_id": item.video_id, "video_uri": item.video_uri, "task": item.task,
          "question": item.question, "options": item.options or None, "answer": item.answer,
          "status": STATUS_ERROR, "error": LOST_ITEM_ERROR, "decoder": config.decoder,
          "model": model_label(config.model), "run_id": plan.run_id, "created_at": now}
-        for item in items_from_table(lost)
+        for item in items_from_table(lost_items(plan.store, plan.chunks, received))
     ]  # fmt: skip
     return to_table(rows)
 
@@ -405,7 +424,7 @@ def dry_run_summary(config: PipelineConfig, plan: Plan) -> dict:
         "items_deferred": plan.deferred,
         "items_to_run": plan.to_run,
         "videos_to_run": plan.videos(),
-        "first_items": plan.pending.column("id").slice(0, 10).to_pylist(),
+        "first_items": list(plan.first_items),
     }
 
 

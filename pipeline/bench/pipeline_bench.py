@@ -103,7 +103,7 @@ def _run(config: PipelineBenchConfig) -> dict:
     )
     pipeline_config = config.pipeline_config(manifest, out / "stages")
     plan = plan_run(pipeline_config)
-    batches = _batches(video_rows(items_from_table(plan.pending)), config.batch_size)
+    batches = _batches(video_rows(items_from_table(plan.pending_items())), config.batch_size)
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
     log.info("[pipeline] decode stage: %.2f videos/s per core", decode["decode_videos_per_s_per_core"] or 0.0)
     annotate = annotate_stage(pipeline_config, plan, decoded)

@@ -51,7 +51,7 @@ def test_stages_alone_process_every_video(model_dir: Path, tmp_path: Path) -> No
     manifest = write_sample_dataset(tmp_path / "videos", num_clips=3)
     pipeline_config = config.pipeline_config(manifest, tmp_path / "out")
     plan = plan_run(pipeline_config)
-    batches = _batches(video_rows(items_from_table(plan.pending)), config.batch_size)
+    batches = _batches(video_rows(items_from_table(plan.pending_items())), config.batch_size)
     assert [len(b["video_uri"]) for b in batches] == [2, 1]
     decode, decoded = decode_stage(pipeline_config, plan.storage, batches)
     assert decode["decode_videos"] == 3 and decode["decode_errors"] == 0

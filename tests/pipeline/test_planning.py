@@ -13,7 +13,8 @@ import pytest
 from pipeline import sources
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.run import plan_run, video_starts
+from pipeline.pending import video_starts
+from pipeline.run import plan_run
 from pipeline.schema import to_table
 from pipeline.sink import ParquetSink
 from pipeline.sources import items_from_table, iter_items, iter_records
@@ -97,7 +98,9 @@ def test_qa_without_any_question_fails_after_reading_every_chunk(
     rows[4]["question"] = "What moves?"  # one question anywhere is enough; the others are error rows
     _jsonl(tmp_path / "m.jsonl", rows)
     plan = plan_run(config)
-    assert plan.total == 5 and [i.error is None for i in items_from_table(plan.pending)].count(True) == 1
+    assert (
+        plan.total == 5 and [i.error is None for i in items_from_table(plan.pending_items())].count(True) == 1
+    )
 
 
 def test_the_plan_counts_done_and_deferred_items_and_keeps_only_its_own(
@@ -115,7 +118,7 @@ def test_the_plan_counts_done_and_deferred_items_and_keeps_only_its_own(
     config = PipelineConfig(input=str(_jsonl(tmp_path / "m.jsonl", rows)), output=str(out), task="qa", limit=7,
                             if_exists="resume")  # fmt: skip
     plan = plan_run(config)
-    ids = plan.pending.column("id").to_pylist()
+    ids = plan.pending_items().column("id").to_pylist()
     assert ids == ["v1:qa:0", "v1:qa:1", "v1:qa:2", "v2:qa:0", "v2:qa:1", "v2:qa:2", "v3:qa:0"]
     assert (plan.total, plan.done, plan.deferred, plan.to_run, plan.videos()) == (30, 4, 19, 7, 3)
 

@@ -1,0 +1,198 @@
+"""A run's pending items, chunk by chunk: where planning leaves them and how the read stage finds them.
+
+Planning (``pipeline.run.plan_run``) reads the input in chunks of records; each chunk's pending items
+(the resume set and ``--limit`` applied, as a table of ``ITEM_SCHEMA``) go to a :class:`PendingStore`
+as soon as they are read, so the driver holds one chunk at a time, never the whole plan:
+
+- :class:`ObjectStorePending` (a run): each chunk goes to Ray's object store as zstd-compressed Arrow
+  IPC. The driver owns the objects and every node can read them; the driver keeps one small handle
+  per chunk (an ``ObjectRef`` and two counts). Compressed, because the driver process maps the object
+  store pages it writes: they count in its resident memory for as long as the run holds the objects.
+- :class:`InDriverPending` (tests, the stage benchmark, ``plan_run``'s default): the tables themselves.
+- :class:`CountingPending` (``--dry-run``): nothing kept, only the counts.
+
+A video's items are adjacent and lie in one chunk (they come from one input record), so video ``v`` of
+the plan is the video ``v - video_offsets[c]`` of chunk ``c``, where ``video_offsets`` is the running
+count of videos over the chunks (:func:`chunk_spans`). The read stage (:func:`read_video_rows`, Ray
+tasks) cuts its videos' rows from the chunks it needs; :func:`task_sizes` decides how many videos a read
+task and a decode task take; :func:`lost_items` finds the items no result row came back for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from pipeline.sources import ITEM_SCHEMA, items_from_table, video_rows
+
+PACK_CODEC = "zstd"  # ~10x on synthetic manifests (ids and URIs repeat their prefixes); 10 ms a chunk to read
+MAX_READ_TASKS = 10_000  # read tasks of a run; one video per decode task up to this many (task_sizes)
+
+
+@dataclass(frozen=True)
+class PendingChunk:
+    """One chunk of pending items as the driver keeps it: the store's handle and two counts."""
+
+    handle: object  # what PendingStore.put returned: an ObjectRef, a table, or None
+    items: int
+    videos: int
+
+
+class PendingStore(Protocol):
+    """Where planning puts each chunk of pending items (``put``) and whence they are read (``get``)."""
+
+    def put(self, items: pa.Table) -> object: ...
+
+    def get(self, handle: object) -> pa.Table: ...
+
+
+class InDriverPending:
+    """Keeps the tables in the driver (small plans: tests, the stage benchmark)."""
+
+    def put(self, items: pa.Table) -> object:
+        return items
+
+    def get(self, handle: object) -> pa.Table:
+        assert isinstance(handle, pa.Table)
+        return handle
+
+
+class CountingPending:
+    """Keeps nothing (``--dry-run`` reports counts and the first ids only)."""
+
+    def put(self, items: pa.Table) -> object:
+        return None
+
+    def get(self, handle: object) -> pa.Table:
+        raise RuntimeError("a counted plan (--dry-run) keeps no items")
+
+
+class ObjectStorePending:
+    """Each chunk in Ray's object store, compressed (see the module docstring). Starts Ray (or joins the
+    cluster of ``RAY_ADDRESS``) on the first chunk, so a run with nothing to do never starts it."""
+
+    def put(self, items: pa.Table) -> object:
+        import ray
+
+        from pipeline.run import init_ray
+
+        init_ray()
+        return ray.put(pack(items))
+
+    def get(self, handle: object) -> pa.Table:
+        import ray
+
+        return unpack(ray.get(handle))
+
+
+def pack(items: pa.Table) -> pa.Buffer:
+    """``items`` as one compressed Arrow IPC stream (one record batch: one dictionary per column)."""
+    sink = pa.BufferOutputStream()
+    options = ipc.IpcWriteOptions(compression=PACK_CODEC)
+    with ipc.new_stream(sink, ITEM_SCHEMA, options=options) as writer:
+        writer.write_table(items.combine_chunks())
+    return sink.getvalue()
+
+
+def unpack(data: pa.Buffer | bytes) -> pa.Table:
+    return ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data).read_all()
+
+
+def video_starts(items: pa.Table) -> np.ndarray:
+    """Where each video's items start in ``items`` (a video's items are adjacent), and the end."""
+    ids = items.column("video_id")
+    n = len(ids)
+    if n < 2:
+        return np.arange(n + 1, dtype=np.int64)
+    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
+
+
+def video_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.ndarray:
+    """The plan's index of each chunk's first video, and the plan's video count: [len(chunks) + 1]."""
+    return np.concatenate([[0], np.cumsum([c.videos for c in chunks], dtype=np.int64)]).astype(np.int64)
+
+
+def chunk_spans(offsets: np.ndarray, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """The chunks that hold the plan's videos ``[first, end)``: (chunk, first video in it, end in it)."""
+    assert 0 <= first <= end <= offsets[-1], (first, end, offsets[-1])
+    c = int(np.searchsorted(offsets, first, side="right")) - 1
+    while first < end:
+        stop = min(end, int(offsets[c + 1]))
+        if stop > first:
+            yield c, first - int(offsets[c]), stop - int(offsets[c])
+        first, c = stop, c + 1
+
+
+# --- the read stage -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSizes:
+    """How the plan's videos split into Ray tasks (:func:`task_sizes`)."""
+
+    decode_videos: int  # videos per decode task (and per block after the read stage)
+    read_videos: int  # videos per read task: a whole number of decode blocks
+    read_tasks: int
+
+
+def task_sizes(videos: int, batch_size: int) -> TaskSizes:
+    """One video per decode task up to MAX_READ_TASKS videos; beyond, ``videos / MAX_READ_TASKS`` but at
+    most ``batch_size`` (a batch per decode task); a read task cuts as many decode blocks as keeps the
+    read tasks within MAX_READ_TASKS (Ray Data holds every read task's description from the start)."""
+    decode = min(max(batch_size, 1), max(1, math.ceil(videos / MAX_READ_TASKS)))
+    read = decode * max(1, math.ceil(videos / (MAX_READ_TASKS * decode)))
+    return TaskSizes(decode, read, math.ceil(videos / read))
+
+
+def chunk_refs(store: PendingStore, chunks: Iterable[PendingChunk]) -> list:
+    """The object refs of ``chunks`` (chunks kept in the driver are put into the object store here)."""
+    if isinstance(store, ObjectStorePending):
+        return [chunk.handle for chunk in chunks]
+    to_ray = ObjectStorePending()
+    return [to_ray.put(store.get(chunk.handle)) for chunk in chunks]
+
+
+def read_video_rows(
+    batch: dict[str, np.ndarray], chunks: list, offsets: np.ndarray, per_task: int
+) -> pa.Table:
+    """Read stage (Ray tasks): the video rows (:func:`pipeline.sources.video_rows`) of read task
+    ``batch["id"]``'s videos (``per_task`` of them from ``id * per_task``), cut from the chunks of
+    pending items in the object store (``chunks``: their refs; ``offsets``: :func:`video_offsets`)."""
+    import ray
+
+    rows: list[dict] = []
+    for task in batch["id"]:
+        first, end = int(task) * per_task, min((int(task) + 1) * per_task, int(offsets[-1]))
+        for c, lo, hi in chunk_spans(offsets, first, end):
+            items = unpack(ray.get(chunks[c]))
+            starts = video_starts(items)
+            rows += video_rows(items_from_table(items.slice(starts[lo], starts[hi] - starts[lo])))
+    return pa.Table.from_pylist(rows)
+
+
+def lost_items(
+    store: PendingStore, chunks: tuple[PendingChunk, ...], received: pa.Array | pa.ChunkedArray
+) -> pa.Table:
+    """The pending items whose id is not in ``received`` (the ids of the rows that came back, each a
+    pending item's). When as many distinct ids came back as there are items, none is lost and no chunk
+    is read again; otherwise each chunk is read back from the store and ``received`` is probed with
+    that chunk's ids (a hash table of one chunk, never of the run's ids)."""
+    expected = sum(chunk.items for chunk in chunks)
+    if len(received) >= expected and pc.count_distinct(received).as_py() == expected:
+        return ITEM_SCHEMA.empty_table()
+    lost = []
+    for chunk in chunks:
+        items = store.get(chunk.handle)
+        ids = items.column("id")
+        back = pc.filter(received, pc.is_in(received, value_set=ids))
+        if pc.count_distinct(back).as_py() < len(ids):
+            lost.append(items.filter(pc.invert(pc.is_in(ids, value_set=back))))
+    return pa.concat_tables(lost).unify_dictionaries() if lost else ITEM_SCHEMA.empty_table()
