@@ -2,7 +2,8 @@
 
 Planning (``pipeline.run.plan_run``) reads the input in chunks of records; each chunk's pending items
 (the resume set and ``--limit`` applied, as a table of ``ITEM_SCHEMA``) go to a :class:`PendingStore`
-as soon as they are read, so the driver holds one chunk at a time, never the whole plan:
+as soon as they are read; in a run the store is the object store, so the driver holds one chunk at a
+time, never the whole plan:
 
 - :class:`ObjectStorePending` (a run): each chunk goes to Ray's object store as zstd-compressed Arrow
   IPC. The driver owns the objects and every node can read them; the driver keeps one small handle
@@ -34,6 +35,7 @@ from pipeline.sources import ITEM_SCHEMA, items_from_table, video_rows
 
 PACK_CODEC = "zstd"  # ~10x on synthetic manifests (ids and URIs repeat their prefixes); 10 ms a chunk to read
 MAX_READ_TASKS = 10_000  # read tasks of a run; one video per decode task up to this many (task_sizes)
+PIECE_ITEMS = 8_192  # items per stored chunk (cut at video boundaries): what a read task unpacks per chunk
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,17 @@ class ObjectStorePending:
         import ray
 
         return unpack(ray.get(handle))
+
+
+def pieces(items: pa.Table, size: int | None = None) -> Iterator[tuple[pa.Table, int]]:
+    """``items`` cut into pieces of about ``size`` (default :data:`PIECE_ITEMS`) items at video
+    boundaries (a video longer than ``size`` stays whole), each with its number of videos."""
+    size = size or PIECE_ITEMS
+    starts = video_starts(items)
+    cuts = np.unique(np.searchsorted(starts, np.arange(size, items.num_rows, size), side="left"))
+    bounds = [0, *(int(c) for c in cuts if 0 < c < len(starts) - 1), len(starts) - 1]  # video indices
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        yield items.slice(starts[lo], starts[hi] - starts[lo]), hi - lo
 
 
 def pack(items: pa.Table) -> pa.Buffer:

@@ -49,10 +49,10 @@ from pipeline.pending import (
     PendingStore,
     chunk_refs,
     lost_items,
+    pieces,
     read_video_rows,
     task_sizes,
     video_offsets,
-    video_starts,
 )  # fmt: skip
 from pipeline.schema import STATUS_ERROR, to_table
 from pipeline.sink import SUMMARY_NAME, ParquetSink, ok_ids, part_files, remove_outputs, write_json
@@ -174,7 +174,7 @@ def plan_run(config: PipelineConfig, inputs: Inputs | None = None, store: Pendin
         if taken:
             kept = items.slice(0, taken)
             first += kept.column("id").slice(0, FIRST_ITEMS - len(first)).to_pylist()
-            chunks.append(PendingChunk(store.put(kept), taken, len(video_starts(kept)) - 1))
+            chunks += [PendingChunk(store.put(p), p.num_rows, videos) for p, videos in pieces(kept)]
             room -= taken
         deferred += items.num_rows - taken
     plan = Plan(inputs.input, storage, run_id, tuple(chunks), store, tuple(first), total, done, deferred)

@@ -80,6 +80,23 @@ def test_planning_hands_each_chunk_to_the_store_and_keeps_counts_only(
     assert summary["first_items"] == ids[:10] and summary["videos_to_run"] == 9
 
 
+def test_a_chunk_is_stored_in_pieces_cut_at_video_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = pa.table({"video_id": ["a", "a", "a", "b", "c", "c", "d", "e", "e", "e", "e"]})
+    cut = [(p.column("video_id").to_pylist(), videos) for p, videos in pending.pieces(table, 4)]
+    assert cut == [(["a", "a", "a", "b"], 2), (["c", "c", "d", "e", "e", "e", "e"], 3)]  # e stays whole
+    assert [v for _, v in pending.pieces(table, 1)] == [1, 1, 1, 1, 1]
+    monkeypatch.setattr(sources, "RECORD_CHUNK", 4)
+    monkeypatch.setattr(pending, "PIECE_ITEMS", 5)  # a chunk of 4 videos × 3 items: pieces of 2 videos
+    config = PipelineConfig(
+        input=_manifest(tmp_path / "m.jsonl", 10), output=str(tmp_path / "out"), task="qa"
+    )
+    plan = plan_run(config)
+    assert [(c.items, c.videos) for c in plan.chunks] == [(6, 2)] * 5
+    assert plan.pending_items().column("id").to_pylist()[-1] == "v09:qa:2"
+
+
 def test_chunk_spans_map_the_plan_s_videos_to_chunks() -> None:
     offsets = video_offsets([PendingChunk(None, 9, 3), PendingChunk(None, 2, 2), PendingChunk(None, 5, 5)])
     assert offsets.tolist() == [0, 3, 5, 10]
@@ -137,6 +154,7 @@ def test_a_run_over_several_chunks_with_limit_and_resume_writes_one_row_per_item
 
     monkeypatch.setattr(sources, "RECORD_CHUNK", 3)  # 9 items a chunk: every run spans chunks
     monkeypatch.setattr(pending, "MAX_READ_TASKS", 2)  # read tasks of several decode blocks of 2 videos
+    monkeypatch.setattr(pending, "PIECE_ITEMS", 4)  # and stored pieces of one or two videos
     manifest, out = _manifest(tmp_path / "m.jsonl", 11), tmp_path / "out"
     first = run_pipeline(_stub_config(manifest, out, limit=13), StubAnnotator, stub_decode)
     assert (first["status"], first["rows"], first["items_deferred"], first["videos"]) == ("ok", 13, 20, 5)
