@@ -140,3 +140,14 @@ def test_a_million_item_manifest_plans_in_bounded_driver_memory(tmp_path: Path) 
     case = result["cases"][0]
     assert (case["items_total"], case["items_to_run"], case["items_deferred"]) == (1_000_000, 4, 999_996)
     assert case["driver_max_rss_mb"] < 500
+
+
+@pytest.mark.slow
+def test_the_first_rows_benchmark_stops_a_stub_run_after_its_first_committed_rows(tmp_path: Path) -> None:
+    from pipeline.bench.planning import PlanningBenchConfig, run_planning_benchmark
+
+    config = PlanningBenchConfig(items=(300,), limit=-1, run=True, first_rows=True, out=str(tmp_path))
+    case = run_planning_benchmark(config)["cases"][0]
+    assert case["status"] == "interrupted" and 1 <= case["rows"] < 300 and case["rows_expected"] == 300
+    assert 0 < case["first_rows_committed_seconds"] <= case["run_seconds"]
+    assert 0 < case["driver_max_private_mb"] <= case["driver_max_rss_mb"]
