@@ -258,8 +258,8 @@ def build_dataset(
     sampling = config.frame_sampling(pixel_limit(config.model, plan.storage))
     # Decode tasks of one video each while there are at most MAX_READ_TASKS videos, growing to at most
     # --batch-size videos beyond that (task_sizes): a decode task that dies (a worker killed for memory,
-    # say) costs its own videos only, a crash redoes at most a batch, and the first batch's videos are
-    # decoded before any later ones. A block whose task still fails after its retries is dropped instead
+    # say) costs its own videos only, a crash redoes at most a batch, and the first batch waits for its
+    # own videos only (not for a block of videos / 10,000). A block whose task still fails after its retries is dropped instead
     # of failing the run; the driver writes an error row for each of its items (see _stream), so no item
     # is lost. Each read task cuts a whole number of decode blocks from the chunks of pending items in
     # the object store (the plan's refs): the driver builds no row and no block.
@@ -272,7 +272,7 @@ def build_dataset(
             "chunks": chunk_refs(plan.store, plan.chunks),
             "offsets": offsets,
             "per_task": sizes.read_videos,
-        },  # fmt: skip
+        },
         batch_size=None,
         batch_format="numpy",
     )
