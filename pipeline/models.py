@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -41,14 +42,24 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The trained demo model shipped in the package (FileNotFoundError naming a missing file)."""
-    from pipeline.demo import builders
+    from pipeline.demo import model_dir  # torch-free: the driver never loads the model
 
-    return builders.check_model_dir(builders.default_model_dir())
+    return model_dir.check_model_dir(model_dir.default_model_dir())
 
 
 def model_label(model: str | None) -> str:
-    """What the ``model`` column says: the URI or hub id as given, or the default directory's path."""
-    return model if model else str(default_model_dir())
+    """What the ``model`` column says: the URI or hub id as given; for the default demo model, its
+    place in the package and its weights' hash (``pipeline/demo/model@sha256:<16 hex>``), the same on
+    every machine (under ``ray job submit`` the package lives in a temporary copy whose path says
+    nothing)."""
+    return model if model else _demo_label(default_model_dir())
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_label(directory: Path) -> str:
+    from pipeline.demo import model_dir  # torch-free
+
+    return f"pipeline/demo/model@sha256:{model_dir.sha256_of(directory / 'model.safetensors')[:16]}"
 
 
 # What a loadable model directory holds: a config, weights, and the processor (tokenizer included).

@@ -16,6 +16,7 @@ STDLIB = set(sys.stdlib_module_names)
 # where a production module may import the demo (function-level imports only)
 DEMO_ENTRANCES = {
     ("pipeline/models.py", "default_model_dir"),
+    ("pipeline/models.py", "_demo_label"),  # the committed weights' hash, for the model column
     ("pipeline/run.py", "_sample_input"),
     ("pipeline/evaluation.py", "caption_scorer_for"),  # the demo's caption attributes, on its own clips only
 }

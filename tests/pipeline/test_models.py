@@ -3,15 +3,18 @@ default; the pixel limit read from the processor config; and fail-fast checks of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import s3fs
 
 from pipeline.errors import PipelineError
-from pipeline.models import check_model, load_model, pixel_limit, resolve_model
+from pipeline.models import check_model, default_model_dir, load_model, pixel_limit, resolve_model
 from pipeline.storage import StorageOptions
 
 
@@ -91,3 +94,20 @@ def test_an_incomplete_or_unsupported_directory_is_refused(
     (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(PipelineError, match="model_type 'llama' is not one StD supports"):
         check_model(str(other), StorageOptions())
+
+
+def test_the_default_models_label_names_its_weights_not_the_path_it_was_copied_to() -> None:
+    """Under ``ray job submit`` the package runs from a temporary copy: the model column must still say
+    which weights ran, the same on every machine, and the driver must not import torch to say it."""
+    code = (
+        "import sys, json\n"
+        "from pipeline.models import model_label\n"
+        "print(json.dumps([model_label(None), model_label('Qwen/Qwen2-VL-7B-Instruct'), 'torch' in sys.modules]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    label, hub, torch_loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    weights = default_model_dir() / "model.safetensors"
+    assert label == f"pipeline/demo/model@sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}"
+    assert hub == "Qwen/Qwen2-VL-7B-Instruct" and torch_loaded is False
