@@ -10,12 +10,11 @@ giving 6 x 6 = 36 visual tokens per temporal patch of 2 frames, and never re-sam
 (``do_sample_frames=False``): the caller decides which frames the model sees.
 
 The trained weights live in ``default_model_dir()`` (written by ``python -m jobs.train_demo_model``);
-``check_model_dir`` names the file a broken model directory lacks.
+``model_dir.check_model_dir`` names the file a broken model directory lacks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from pipeline.demo import world
+from pipeline.demo.model_dir import sha256_of
 from pipeline.prompts import CAPTION_PROMPT, LETTERS, MCQ_INSTRUCTION
 
 SPECIAL_TOKENS = (
@@ -62,24 +62,17 @@ CHAT_TEMPLATE = (
 )
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = world.FRAME_HEIGHT * world.FRAME_WIDTH  # the world's frames pass through unresized
-REQUIRED_FILES = {
-    "config": ("config.json",),
-    "weights": ("model.safetensors",),
-    "tokenizer": ("tokenizer.json", "tokenizer_config.json"),
-    "processor config": ("processor_config.json",),
-    "chat template": ("chat_template.jinja",),
-}
 
 
 @dataclass(frozen=True)
 class DemoModelSpec:
     """Sizes of the demo model (about 3.2M parameters, 12.7 MB in fp32)."""
 
-    text_hidden: int = 192
+    text_hidden: int = 128
     text_layers: int = 6
-    text_heads: int = 6
-    text_kv_heads: int = 2  # GQA: 3 query heads per KV head
-    text_intermediate: int = 576
+    text_heads: int = 4
+    text_kv_heads: int = 2  # GQA: 2 query heads per KV head
+    text_intermediate: int = 512
     vision_dim: int = 96
     vision_depth: int = 3
     vision_heads: int = 4
@@ -198,27 +191,6 @@ def spec_dict(spec: DemoModelSpec) -> dict:
     return asdict(spec)
 
 
-def default_model_dir() -> Path:
-    """The committed demo model: a Hugging Face directory shipped inside the package."""
-    return Path(__file__).resolve().parent / "model"
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Return ``path`` if it holds a loadable model; else raise naming the first missing file.
-
-    Raises ``FileNotFoundError`` ("model directory ... has no weights: model.safetensors is missing")
-    for a missing directory, weights, tokenizer, processor config or chat template.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    for role, names in REQUIRED_FILES.items():
-        for name in names:
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"model directory {path} has no {role}: {name} is missing")
-    return path
-
-
 def build_untrained_model(target: str | Path, seed: int = 0) -> Path:
     """Save a small randomly initialised model of the demo architecture (and its processor) to ``target``:
     a fast stand-in for tests and benchmarks of the machinery (it writes nonsense).
@@ -265,14 +237,6 @@ def generation_defaults(tokenizer: PreTrainedTokenizerFast) -> dict:
         "pad_token_id": ids("<|endoftext|>"),
         "bos_token_id": ids("<|im_start|>"),
     }
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -25,7 +25,9 @@ def model_card(s: dict) -> str:
         f"| {m} | " + " | ".join(f"{100 * acc[k].get(m, math.nan):.1f}%" for k in acc) + " |" for m in metrics
     ]
     log_rows = [
-        f"| {r['step']} | {r['loss']:.3f} | {json.dumps(r['heldout_teacher_forced'])} |" for r in s["log"]
+        f"| {r['step']} | {r['loss']:.3f} | {json.dumps(r['heldout_teacher_forced'])} |"
+        f" {json.dumps(r.get('training_aux', {}))} |"
+        for r in s["log"]
     ]
     spec = s["spec"]
     return "\n".join(
@@ -76,10 +78,12 @@ def model_card(s: dict) -> str:
             *rows,
             "",
             "Teacher-forced held-out exact match during training (32 clips per frame count; `:colour`,"
-            " `:shape`, `:motion`: the caption tokens naming that attribute, predicted right):",
+            " `:shape`, `:motion`: the caption tokens naming that attribute, predicted right), and the"
+            " auxiliary head's own accuracy on the training batches' covered visual tokens since the last"
+            " check (what the vision tower encodes):",
             "",
-            "| step | loss | exact match per task@frames |",
-            "|---|---|---|",
+            "| step | loss | exact match per task@frames | auxiliary head |",
+            "|---|---|---|---|",
             *log_rows,
             "",
         ]
@@ -93,6 +97,9 @@ def world_lines() -> list[str]:
         f"- {min(world.SHAPE_COUNTS)}-{max(world.SHAPE_COUNTS)} shapes per clip, of {len(world.COLOURS)} colours x {len(world.SHAPES)} shapes ({', '.join(world.SHAPES)},"
         f" {2 * world.SHAPE_RADIUS} px across) x {len(world.MOTIONS)} directions; each shape visible for"
         f" {span} of the clip, moving {world.MIN_TRAVEL}-{world.MAX_TRAVEL} px with a dim trail behind it;",
+        f"- shapes sit on the {world.CELL}-px grid of the merged visual tokens (patch 14, merge 2) and move a"
+        " cell at a time, so each of a shape's 2 x 2 tokens always shows the same quarter of its form;"
+        " the flat dark background's green level rises through the clip (its clock);",
         f"- clips of {world.MIN_FRAMES}-{world.MAX_FRAMES} frames at {world.FRAME_WIDTH}x{world.FRAME_HEIGHT};"
         " the caption names each shape in order of appearance; the questions ask which colour appeared or"
         " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"

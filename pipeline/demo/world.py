@@ -1,6 +1,6 @@
 """The procedural video world of the demo model: coloured shapes appear, move and disappear.
 
-A clip is fully determined by its seed (``make_clip(seed)``). It holds 1–3 shape tracks; each track
+A clip is fully determined by its seed (``make_clip(seed)``). It holds 1 or 2 shape tracks; each track
 appears at a known frame, moves in a straight line (left, right, up or down) and disappears at a known
 frame, before the clip ends. Appearance and disappearance times are distinct and well separated, so
 "first" and "last" are unambiguous even after temporal subsampling, and concurrent shapes never overlap.
@@ -9,10 +9,14 @@ Every answer depends on specific frames and regions: a shape's colour and form o
 visible, its motion on the first and last of those frames, the order of events on when each one happens.
 That is what makes a trained model's attention over the visual tokens sparse.
 
-Legibility cues help a tiny model read motion, space and time from pixels: a moving shape leaves a short
-dim trail behind it (like motion blur, so one frame shows which way it goes); the dark background carries
-a faint horizontal red / vertical blue gradient; and its green level rises steadily through the clip (like
-a timestamp overlay in real footage).
+Legibility at the scale the language model reads: a merged visual token covers one CELL (28 px: patch 14,
+merge 2). A shape is 2 x 2 cells and sits on the cell grid, moving a whole cell at a time, so each of its
+four tokens always shows the same quarter of its form (a square's quarter is solid, a circle's a quarter
+disc, a triangle's a thin or a wide wedge): a token's content tells the shape without context. Its
+motion is as local: the trailing half of each of its cells is drawn in a darker tone of its colour
+(speed shading), and it leaves a dim trail one cell long behind it (like motion blur), so one frame and
+one token show which way it goes. The dark background's green level rises steadily through the clip
+(like a timestamp overlay).
 
 Outputs: frame arrays (``render_frames``: uint8 ``[T, H, W, 3]``) for training, and H.264 files
 (``encode_video``: libx264, yuv420p) plus a manifest (``write_sample_dataset``) for the pipeline.
@@ -49,10 +53,12 @@ FRAME_WIDTH = 168
 MIN_FRAMES = 32
 MAX_FRAMES = 256
 FRAME_STEP = 16  # clip lengths are multiples of this, so clips of one length batch without padding
-SHAPE_COUNTS, SHAPE_COUNT_WEIGHTS = (1, 2, 3), (0.2, 0.4, 0.4)  # shapes per clip and their odds
-SHAPE_RADIUS = 21  # half the side of a shape's bounding box: a shape spans about 1.5 tokens (28 px)
-MIN_TRAVEL, MAX_TRAVEL = 40, 70  # pixels a shape moves over its lifetime
-TRAIL_LENGTH = 28  # a moving shape leaves a dim trail this long behind it (its motion, legible per frame)
+SHAPE_COUNTS, SHAPE_COUNT_WEIGHTS = (1, 2), (0.4, 0.6)  # shapes per clip and their odds
+CELL = 28  # the pixels one merged visual token covers (patch 14 x merge 2), on each side
+SHAPE_RADIUS = CELL  # half the side of a shape's bounding box: a shape covers 2 x 2 cells (tokens)
+MIN_TRAVEL, MAX_TRAVEL = 2 * CELL, 3 * CELL  # pixels a shape moves over its lifetime (whole cells)
+TRAIL_LENGTH = CELL  # a moving shape leaves a dim trail this long behind it (its motion, legible per frame)
+MIN_SEPARATION = 3 * CELL  # concurrent shapes' centres stay this far apart along x or y (a cell between)
 MIN_GAP = 0.15  # minimum separation of two appearances (or disappearances), as a fraction of the clip
 MIN_LIFE, MAX_LIFE = 0.3, 0.5  # a shape's lifetime, as a fraction of the clip
 PIPELINE_FRAMES = 8  # the pipeline's default sample: events 1/8 of a clip apart stay in order there
@@ -73,11 +79,14 @@ class Track:
     end: tuple[float, float]  # (x, y) pixel centre on frame ``disappear - 1``
 
     def centre(self, frame: int) -> tuple[float, float]:
-        """Pixel centre (x, y) on ``frame`` (linear in time; only meaningful while visible)."""
+        """Pixel centre (x, y) on ``frame``: on the cell grid, a whole cell at a time, evenly through the
+        shape's life (only meaningful while visible)."""
         u = (frame - self.appear) / max(1, self.disappear - 1 - self.appear)
+        cells = max(abs(self.end[0] - self.start[0]), abs(self.end[1] - self.start[1])) / CELL
+        moved = min(round(u * cells + 1e-9), cells) / max(cells, 1)  # ties round up (to even: drift)
         return (
-            self.start[0] + u * (self.end[0] - self.start[0]),
-            self.start[1] + u * (self.end[1] - self.start[1]),
+            self.start[0] + moved * (self.end[0] - self.start[0]),
+            self.start[1] + moved * (self.end[1] - self.start[1]),
         )
 
 
@@ -141,8 +150,10 @@ def make_clip(seed: int, num_frames: int | None = None) -> Clip:
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     spans = _sample_spans(rng, n, length)
     tracks: list[Track] = []
-    for colour, (appear, disappear) in zip(colours, spans, strict=True):
-        tracks.append(_place_track(rng, str(colour), appear, disappear, tracks))
+    while len(tracks) < n:  # a track that finds no clear path sends the clip back to its first track
+        appear, disappear = spans[len(tracks)]
+        track = _place_track(rng, str(colours[len(tracks)]), appear, disappear, tracks)
+        tracks = [*tracks, track] if track is not None else []
     return Clip(seed=seed, num_frames=length, tracks=tuple(tracks))
 
 
@@ -162,32 +173,37 @@ def _separated(times: np.ndarray) -> bool:
 
 def _place_track(
     rng: np.random.Generator, colour: str, appear: int, disappear: int, others: list[Track]
-) -> Track:
-    """A track with a random shape, direction and path that stays in frame and clear of ``others``."""
-    r = SHAPE_RADIUS + 2
-    while True:
+) -> Track | None:
+    """A track with a random shape, direction and path on the cell grid that stays in frame and clear of
+    ``others``; None when 100 tries find none (``others`` leave it no room)."""
+    cols, rows = FRAME_WIDTH // CELL, FRAME_HEIGHT // CELL
+    for _ in range(100):
         motion = str(rng.choice(MOTIONS))
-        travel = float(rng.uniform(MIN_TRAVEL, MAX_TRAVEL))
+        cells = int(rng.integers(MIN_TRAVEL // CELL, MAX_TRAVEL // CELL + 1))
         dx, dy = _STEP[motion]
-        x0 = rng.uniform(r + max(0, -dx) * travel, FRAME_WIDTH - r - max(0, dx) * travel)
-        y0 = rng.uniform(r + max(0, -dy) * travel, FRAME_HEIGHT - r - max(0, dy) * travel)
+        # the shape's top-left cell; it spans 2 cells and moves ``cells`` cells along (dx, dy)
+        x0 = int(rng.integers(max(0, -dx) * cells, cols - 2 - max(0, dx) * cells + 1))
+        y0 = int(rng.integers(max(0, -dy) * cells, rows - 2 - max(0, dy) * cells + 1))
+        start = (float((x0 + 1) * CELL), float((y0 + 1) * CELL))
         track = Track(
             colour=colour,
             shape=str(rng.choice(SHAPES)),
             motion=motion,
             appear=appear,
             disappear=disappear,
-            start=(float(x0), float(y0)),
-            end=(float(x0 + dx * travel), float(y0 + dy * travel)),
+            start=start,
+            end=(start[0] + dx * cells * CELL, start[1] + dy * cells * CELL),
         )
         if all(_clear(track, other) for other in others):
             return track
+    return None
 
 
 def _clear(a: Track, b: Track) -> bool:
-    """True when ``a`` and ``b`` stay at least one and a half shape widths apart on every frame both are visible."""
+    """True when ``a`` and ``b`` keep a free cell between them (and their trails) on every frame both are
+    visible."""
     frames = range(max(a.appear, b.appear), min(a.disappear, b.disappear))
-    return all(np.hypot(*np.subtract(a.centre(f), b.centre(f))) >= 3 * SHAPE_RADIUS for f in frames)
+    return all(np.max(np.abs(np.subtract(a.centre(f), b.centre(f)))) >= MIN_SEPARATION for f in frames)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,37 +223,61 @@ def render_frames(clip: Clip, indices: Sequence[int] | None = None) -> np.ndarra
             trail = _trail_mask(track.motion, *track.centre(f), yy, xx)
             frame[trail] = (frame[trail] + np.array(COLOURS[track.colour])) // 2
         for track in visible:
-            frame[shape_mask(track.shape, *track.centre(f), yy, xx)] = COLOURS[track.colour]
+            cx, cy = track.centre(f)
+            mask = shape_mask(track.shape, cx, cy, yy, xx)
+            shaded = mask & _shading_mask(track.motion, yy, xx)
+            frame[mask & ~shaded] = COLOURS[track.colour]
+            frame[shaded] = shaded_colour(track.colour)
         frames[i] = frame
     return frames
 
 
+SHADE = 0.55  # the trailing half of each of a moving shape's cells is drawn at this share of its colour
+
+
+def shaded_colour(colour: str) -> tuple[int, int, int]:
+    """The darker tone of ``colour`` on the trailing half of each of a shape's cells (same hue)."""
+    return tuple(int(SHADE * c) for c in COLOURS[colour])
+
+
+def _shading_mask(motion: str, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """The trailing half of every cell for a shape moving ``motion`` (left: each cell's right half)."""
+    dx, dy = _STEP[motion]
+    x_in, y_in = xx % CELL, yy % CELL
+    if dx:
+        return x_in < CELL // 2 if dx > 0 else x_in >= CELL // 2
+    return y_in < CELL // 2 if dy > 0 else y_in >= CELL // 2
+
+
 def _background(yy: np.ndarray, xx: np.ndarray, progress: float) -> np.ndarray:
-    """Dark background: red rises left to right, blue top to bottom, green with clip progress."""
+    """Flat dark background whose green level rises with clip progress (the clip's clock)."""
     frame = np.empty((*yy.shape, 3), dtype=np.uint8)
-    frame[..., 0] = 15 + 50 * xx / (xx.shape[1] - 1)
+    frame[..., 0] = 20
     frame[..., 1] = 15 + 50 * progress
-    frame[..., 2] = 15 + 50 * yy / (yy.shape[0] - 1)
+    frame[..., 2] = 20
     return frame
 
 
 def _trail_mask(motion: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """A band half a shape wide, TRAIL_LENGTH long, behind a shape moving ``motion`` from (cx, cy)."""
+    """A band half a shape wide and TRAIL_LENGTH long behind a shape moving ``motion`` from (cx, cy)."""
     dx, dy = _STEP[motion]
-    along = (xx - cx) * dx + (yy - cy) * dy  # > 0 ahead of the centre, < 0 behind it
-    across = np.abs((xx - cx) * dy - (yy - cy) * dx)
+    px, py = xx + 0.5 - cx, yy + 0.5 - cy  # pixel centres relative to the shape's centre
+    along = px * dx + py * dy  # > 0 ahead of the centre, < 0 behind it
+    across = np.abs(px * dy - py * dx)
     return (along <= 0) & (along >= -(SHAPE_RADIUS + TRAIL_LENGTH)) & (across <= SHAPE_RADIUS / 2)
 
 
 def shape_mask(shape: str, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """The pixels (``yy``, ``xx`` grids) of ``shape`` centred at (cx, cy); its bounding box is exactly 2 x 2
+    cells when (cx, cy) lies on the cell grid."""
     r = SHAPE_RADIUS
+    px, py = xx + 0.5 - cx, yy + 0.5 - cy  # pixel centres relative to the shape's centre
     if shape == "square":
-        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+        return (np.abs(px) <= r) & (np.abs(py) <= r)
     if shape == "circle":
-        return (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 1) ** 2
+        return px**2 + py**2 <= r**2
     if shape == "triangle":  # apex up, base down; half-width grows linearly from 0 to r
-        inside_y = (yy >= cy - r) & (yy <= cy + r)
-        return inside_y & (np.abs(xx - cx) <= (yy - (cy - r)) * r / (2 * r) + 0.5)
+        return (np.abs(py) <= r) & (np.abs(px) <= (py + r) / 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
-from pipeline.demo import builders, scoring, world
+from pipeline.demo import builders, model_dir, scoring, world
 from pipeline.frames import segment_centres
 from pipeline.prompts import CAPTION_PROMPT, chat_prompt
 from std_core import SparseToDenseDecoder, StdConfig
 
 REPO = Path(__file__).resolve().parents[2]
-COMMITTED = builders.default_model_dir()
+COMMITTED = model_dir.default_model_dir()
 
 
 def _messages(prompt: str, video: object = None) -> list[dict]:
@@ -92,7 +92,7 @@ def test_config_is_small_gqa_qwen2_vl() -> None:
 def test_committed_dir_loads_offline_through_auto_classes() -> None:
     from pipeline import default_model_dir  # the public name the jobs use when --model is not given
 
-    assert default_model_dir() == builders.check_model_dir(COMMITTED)
+    assert default_model_dir() == model_dir.check_model_dir(COMMITTED)
     assert (COMMITTED / "model.safetensors").stat().st_size <= 30_000_000
     processor = AutoProcessor.from_pretrained(COMMITTED, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(COMMITTED, local_files_only=True)
@@ -100,7 +100,7 @@ def test_committed_dir_loads_offline_through_auto_classes() -> None:
     assert processor.video_processor.do_sample_frames is False
     assert processor.video_processor.size["longest_edge"] == builders.MAX_PIXELS
     card = (COMMITTED / "README.md").read_text()
-    assert builders.sha256_of(COMMITTED / "model.safetensors") in card
+    assert model_dir.sha256_of(COMMITTED / "model.safetensors") in card
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "processor_config.json"])
@@ -109,9 +109,9 @@ def test_check_model_dir_names_the_missing_file(tmp_path: Path, missing: str) ->
     shutil.copytree(COMMITTED, broken)
     (broken / missing).unlink()
     with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
-        builders.check_model_dir(broken)
+        model_dir.check_model_dir(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        builders.check_model_dir(tmp_path / "nowhere")
+        model_dir.check_model_dir(tmp_path / "nowhere")
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
@@ -215,7 +215,7 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
             for r, c in labelled.nonzero().tolist():
                 track = classes[tuple(labels[g, r, c].tolist())]  # a visible shape's classes
                 cell = frames[2 * g][28 * r : 28 * r + 28, 28 * c : 28 * c + 28]
-                assert _colour_pixels(cell, track.colour).sum() >= 28 * 28 / 8  # it covers the cell
+                assert _shape_pixels(cell, track.colour).sum() >= 28 * 28 / 8  # it covers the cell
             for t in visible:
                 cx, cy = t.centre(picks[2 * g])
                 r, c = int(cy // 28), int(cx // 28)
@@ -223,11 +223,13 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
                     1 + world.SHAPES.index(t.shape),
                     1 + world.MOTIONS.index(t.motion),
                 ]
-                assert tuple(frames[2 * g][int(cy), int(cx)]) == world.COLOURS[t.colour]  # the shape is there
+                assert _shape_pixels(frames[2 * g][int(cy) : int(cy) + 1, int(cx)], t.colour).all()  # it is there
 
 
-def _colour_pixels(frame: object, colour: str) -> object:
-    return (frame == torch.tensor(world.COLOURS[colour], dtype=torch.uint8).numpy()).all(axis=-1)
+def _shape_pixels(frame: object, colour: str) -> object:
+    """The pixels of a ``colour`` shape: its colour, or its darker tone on the shaded halves."""
+    tones = [world.COLOURS[colour], world.shaded_colour(colour)]
+    return sum((frame == torch.tensor(tone, dtype=torch.uint8).numpy()).all(axis=-1) for tone in tones) > 0
 
 
 @pytest.mark.slow
@@ -238,11 +240,11 @@ def test_training_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     first = _train(*flags)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert summary["sha256"] == builders.sha256_of(out / "model.safetensors")
-    builders.check_model_dir(out)
+    assert summary["sha256"] == model_dir.sha256_of(out / "model.safetensors")
+    model_dir.check_model_dir(out)
     refused = _train(*flags)
     assert refused.returncode != 0 and "--force" in refused.stderr
-    assert builders.sha256_of(out / "model.safetensors") == summary["sha256"]
+    assert model_dir.sha256_of(out / "model.safetensors") == summary["sha256"]
     forced = _train(*flags, "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert json.loads(forced.stdout.strip().splitlines()[-1])["sha256"] == summary["sha256"]  # reproducible
