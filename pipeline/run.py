@@ -187,9 +187,10 @@ def plan_run(config: PipelineConfig, inputs: Inputs | None = None, store: Pendin
 
 def _sample_input(config: PipelineConfig) -> str:
     """The embedded default's input: the demo world's sample clips, generated once into the cache."""
-    from pipeline.demo.world import write_sample_dataset
+    from pipeline.demo.world import WORLD_VERSION, write_sample_dataset
 
-    out = cache_dir() / "samples" / f"seed{config.seed}-n{config.num_samples}"
+    # per world version: clips cached by an older world would not be the world the demo model knows
+    out = cache_dir() / "samples" / f"world{WORLD_VERSION}" / f"seed{config.seed}-n{config.num_samples}"
     manifest = out / "manifest.jsonl"
     if not manifest.exists():
         write_sample_dataset(out, num_clips=config.num_samples, seed=config.seed)

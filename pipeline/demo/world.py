@@ -48,6 +48,7 @@ MOTIONS = ("left", "right", "up", "down")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
+WORLD_VERSION = 3  # bumped whenever the world's clips change: cached sample datasets are kept per version
 FRAME_HEIGHT = 168  # 6 x 6 merged tokens of 28 px per temporal patch: 36 visual tokens per 2 frames
 FRAME_WIDTH = 168
 MIN_FRAMES = 32

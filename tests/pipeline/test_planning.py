@@ -151,3 +151,18 @@ def test_the_first_rows_benchmark_stops_a_stub_run_after_its_first_committed_row
     assert case["status"] == "interrupted" and 1 <= case["rows"] < 300 and case["rows_expected"] == 300
     assert 0 < case["first_rows_committed_seconds"] <= case["run_seconds"]
     assert 0 < case["driver_max_private_mb"] <= case["driver_max_rss_mb"]
+
+
+def test_sample_clips_are_cached_per_world_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache written by an older demo world is never fed to a model trained on the current one."""
+    from pipeline.demo import world
+    from pipeline.models import CACHE_ENV
+    from pipeline.run import _sample_input
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    config = PipelineConfig(output=str(tmp_path / "out"), num_samples=1)
+    current = Path(_sample_input(config))
+    assert current.is_file() and f"world{world.WORLD_VERSION}" in current.parts
+    monkeypatch.setattr(world, "WORLD_VERSION", world.WORLD_VERSION + 1)
+    newer = Path(_sample_input(config))
+    assert newer != current and newer.is_file() and current.is_file()
