@@ -223,7 +223,9 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
                     1 + world.SHAPES.index(t.shape),
                     1 + world.MOTIONS.index(t.motion),
                 ]
-                assert _shape_pixels(frames[2 * g][int(cy) : int(cy) + 1, int(cx)], t.colour).all()  # it is there
+                assert _shape_pixels(
+                    frames[2 * g][int(cy) : int(cy) + 1, int(cx)], t.colour
+                ).all()  # it is there
 
 
 def _shape_pixels(frame: object, colour: str) -> object:
