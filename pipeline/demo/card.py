@@ -98,8 +98,10 @@ def world_lines() -> list[str]:
         f" {2 * world.SHAPE_RADIUS} px across) x {len(world.MOTIONS)} directions; each shape visible for"
         f" {span} of the clip, moving {world.MIN_TRAVEL}-{world.MAX_TRAVEL} px with a dim trail behind it;",
         f"- shapes sit on the {world.CELL}-px grid of the merged visual tokens (patch 14, merge 2) and move a"
-        " cell at a time, so each of a shape's 2 x 2 tokens always shows the same quarter of its form;"
-        " the flat dark background's green level rises through the clip (its clock);",
+        " cell at a time, so each of a shape's 2 x 2 tokens always shows the same quarter of its form; the"
+        f" trailing half of each of its cells is drawn at {world.SHADE:.0%} of its colour (speed shading), so"
+        " one token shows its direction too; the flat dark background's green level rises through the clip"
+        " (its clock);",
         f"- clips of {world.MIN_FRAMES}-{world.MAX_FRAMES} frames at {world.FRAME_WIDTH}x{world.FRAME_HEIGHT};"
         " the caption names each shape in order of appearance; the questions ask which colour appeared or"
         " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"
