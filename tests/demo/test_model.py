@@ -272,10 +272,11 @@ def test_committed_model_quality_on_heldout_clips(committed: tuple) -> None:
     tally = scoring.evaluate_items(model, processor, items, _h264_sample, clips_per_batch=10)
     scores = tally.summary()
     # Bounds of what the committed weights learned (its card has the 300-clip figures): a random model
-    # names a colour 1 time in 6 and puts events in order about half the time.
-    assert scores["caption_colour"] >= 0.9, scores
-    assert scores["caption_order"] >= 0.7, scores
-    assert scores["qa"] >= 0.4, scores
+    # names a colour 1 time in 6, a shape 1 in 3, a direction 1 in 4.
+    assert scores["caption_colour"] >= 0.6, scores
+    assert scores["caption_shape"] >= 0.55, scores
+    assert scores["caption_motion"] >= 0.5, scores
+    assert scores["qa"] >= 0.6, scores
 
 
 @pytest.mark.slow
