@@ -84,7 +84,9 @@ class Track:
         shape's life (only meaningful while visible)."""
         u = (frame - self.appear) / max(1, self.disappear - 1 - self.appear)
         cells = max(abs(self.end[0] - self.start[0]), abs(self.end[1] - self.start[1])) / CELL
-        moved = min(round(u * cells + 1e-9), cells) / max(cells, 1)  # ties round up (to even: drift)
+        moved = min(round(u * cells + 1e-9), cells) / max(
+            cells, 1
+        )  # +1e-9: a half cell rounds up, not to even
         return (
             self.start[0] + moved * (self.end[0] - self.start[0]),
             self.start[1] + moved * (self.end[1] - self.start[1]),

@@ -182,9 +182,8 @@ def test_answers_are_sparse_in_time_and_space(seed: int) -> None:
     assert changed.max() <= 5 / 36 * len(clip.tracks) + 1e-9  # under 28% with both shapes on
 
 
-def _cell_pattern(clip: world.Clip, track: world.Track, frame: int) -> tuple[tuple[int, int], np.ndarray]:
-    """(the shape's top-left cell, its 2 x 2 cells' colour masks) on ``frame``, the shape alone."""
-    alone = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=(track,)), [frame])[0]
+def _cell_pattern(alone: np.ndarray, track: world.Track) -> tuple[tuple[int, int], np.ndarray]:
+    """(the shape's top-left cell, its 2 x 2 cells' colour masks) in ``alone``, a frame of the shape alone."""
     mask = _colour_pixels(alone, track.colour) | _shaded_pixels(alone, track.colour)
     ys, xs = np.nonzero(mask)
     col, row = xs.min() // world.CELL, ys.min() // world.CELL
@@ -207,11 +206,11 @@ def test_shapes_sit_on_the_token_grid_so_each_token_shows_a_fixed_quarter_of_its
         for track in clip.tracks:
             cells = []
             for f in range(track.appear, track.disappear):
-                cell, box = _cell_pattern(clip, track, f)
+                alone = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=(track,)), [f])[0]
+                cell, box = _cell_pattern(alone, track)
                 cells.append(cell)
                 reference = patterns.setdefault(track.shape, box)
                 assert np.array_equal(box, reference), (seed, track.shape, f)
-                alone = world.render_frames(world.Clip(clip.seed, clip.num_frames, tracks=(track,)), [f])[0]
                 shaded = _shaded_pixels(alone, track.colour)
                 ys, xs = np.nonzero(shaded)
                 lead_x, lead_y = xs % world.CELL >= world.CELL // 2, ys % world.CELL >= world.CELL // 2
