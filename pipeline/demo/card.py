@@ -63,7 +63,8 @@ def model_card(s: dict) -> str:
             f"- command: `{s['command']}`",
             f"- {s['config']['steps']} steps, peak learning rate {s['config']['lr']:g} after"
             f" {s['config']['warmup']} warm-up steps, {s['config']['clips_per_step']} clips per step at 8 frames,"
-            f" auxiliary visual-token loss weight {s['config']['aux_weight']:g} (training only);",
+            f" auxiliary visual-token loss weight {s['config']['aux_weight']:g} (training only: each visual"
+            " token's shape, motion and time bin);",
             f"- seed {s['config']['seed']}; machine: {s['machine']}",
             f"- wall time: {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all"
             f" (with the final evaluation); load average (15 min) at the end of training: {s['load_average']}",
@@ -79,8 +80,8 @@ def model_card(s: dict) -> str:
             "",
             "Teacher-forced held-out exact match during training (32 clips per frame count; `:colour`,"
             " `:shape`, `:motion`: the caption tokens naming that attribute, predicted right), and the"
-            " auxiliary head's own accuracy on the training batches' covered visual tokens since the last"
-            " check (what the vision tower encodes):",
+            " auxiliary head's own accuracy on the training batches since the last check (what the vision"
+            " tower encodes: shape and motion on the tokens a shape covers, the time bin on every token):",
             "",
             "| step | loss | exact match per task@frames | auxiliary head |",
             "|---|---|---|---|",
@@ -105,7 +106,8 @@ def world_lines() -> list[str]:
         f"- clips of {world.MIN_FRAMES}-{world.MAX_FRAMES} frames at {world.FRAME_WIDTH}x{world.FRAME_HEIGHT};"
         " the caption names each shape in order of appearance; the questions ask which colour appeared or"
         " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"
-        " MCQ item asks one of them with shuffled options;",
+        " MCQ item asks one of them with shuffled options, and the model answers with the option's text, then"
+        ' its letter ("purple (D)"; the letter is what is scored);',
         "- every answer depends on the few frames where a shape is visible and on the few visual tokens it"
         f" covers ({(2 * world.SHAPE_RADIUS) ** 2 / (world.FRAME_WIDTH * world.FRAME_HEIGHT):.0%} of the"
         " frame's area for a square).",

@@ -67,7 +67,7 @@ QA_TURNS, MCQ_TURNS = 5, 3  # per training sequence, besides the caption
 class TrainConfig:
     """One field per ``jobs.train_demo_model`` flag (``jobs/_cli.py`` reads each field's metadata)."""
 
-    steps: int = flag(2000, "optimizer steps")
+    steps: int = flag(3500, "optimizer steps")
     clips_per_step: int = flag(8, "batch size at 8 frames (halves each time the frame count doubles, >= 1)")
     lr: float = flag(1e-3, "peak learning rate (AdamW)")
     warmup: int = flag(300, "linear warm-up steps")
@@ -122,7 +122,7 @@ def conversation(clip: world.Clip, rng: np.random.Generator) -> list[dict]:
     multiple = {asked[j] if rng.random() < 0.5 else int(rng.integers(len(items))) for j in range(MCQ_TURNS)}
     turns = [(CAPTION_PROMPT, world.caption(clip))]
     turns += [(pairs[i].question, pairs[i].answer) for i in asked]
-    turns += [(items[i].prompt, items[i].answer) for i in sorted(multiple)]
+    turns += [(items[i].prompt, items[i].reply) for i in sorted(multiple)]
     messages = []
     for i in rng.permutation(len(turns)):
         question, answer = turns[i]
@@ -187,69 +187,84 @@ def training_batch(
 
 
 AUX_MIN_COVER = 1 / 8  # a token is labelled with a shape that covers this share of its 28-px cell
+TIME_BINS = 8  # the clip's clock, read into every visual token: 8 bins of 1/8 of the clip (< MIN_GAP)
 
 
 def token_labels(clip: world.Clip, picks: Sequence[int]) -> torch.Tensor:
     """Per merged visual token, in the processor's order (temporal patch, then row, then column):
-    ``[tokens, 2]`` = (shape class, motion class) of the shape covering most of the token's 28-px cell on
-    the patch's first frame (at least AUX_MIN_COVER of it), 0 where none does (classes are 1 + the index
-    in SHAPES / MOTIONS). Every token a shape covers is labelled, so each of them learns to carry it."""
+    ``[tokens, 3]`` = (shape class, motion class, time bin).
+
+    - Shape and motion: those of the shape covering most of the token's 28-px cell on the patch's first
+      frame (at least AUX_MIN_COVER of it), 0 where none does (classes are 1 + the index in SHAPES /
+      MOTIONS). Every token a shape covers is labelled, so each of them learns to carry it.
+    - Time bin: which TIME_BINS-th of the clip the patch's first frame lies in (the background's clock
+      shows it), on every token. A shape's tokens then carry *when* as content, so "the shape that
+      appeared first" is a content lookup (the tokens of the lowest bin), where rotary positions alone
+      left the language model guessing the order (caption order 51%). Appearances lie MIN_GAP > 1/8 of
+      the clip apart, so two shapes' first tokens never share a bin."""
     cell = 2 * 14  # merge 2 x patch 14
     rows, cols = clip.height // cell, clip.width // cell
     groups = (len(picks) + 1) // 2
     yy, xx = np.mgrid[0 : rows * cell, 0 : cols * cell].astype(np.float32)
-    labels = torch.zeros(groups, rows, cols, 2, dtype=torch.long)
+    labels = torch.zeros(groups, rows, cols, 3, dtype=torch.long)
     for g in range(groups):
         f, best = picks[2 * g], np.full((rows, cols), AUX_MIN_COVER * cell * cell)
+        labels[g, ..., 2] = time_bin(f, clip.num_frames)
         for t in clip.tracks:
             if t.appear <= f < t.disappear:
                 mask = world.shape_mask(t.shape, *t.centre(f), yy, xx)
                 cover = mask.reshape(rows, cell, cols, cell).sum(axis=(1, 3))
                 wins = torch.from_numpy(cover >= best)
-                labels[g][wins] = torch.tensor(
+                labels[g, ..., :2][wins] = torch.tensor(
                     [1 + world.SHAPES.index(t.shape), 1 + world.MOTIONS.index(t.motion)]
                 )
                 best = np.maximum(best, cover)
-    return labels.reshape(-1, 2)
+    return labels.reshape(-1, 3)
+
+
+def time_bin(frame: int, num_frames: int) -> int:
+    """The TIME_BINS-th of a ``num_frames`` clip that ``frame`` lies in (the clock's progress, binned)."""
+    return min(TIME_BINS - 1, int(TIME_BINS * frame / max(1, num_frames - 1)))
 
 
 class VisualAux(torch.nn.Module):
     """Training-only head on the vision tower's merged tokens: predicts each token's shape and motion
-    class, so the vision tower learns to encode them where the language model can read them. The head
-    is not part of the saved model (a plain Qwen2-VL)."""
+    class and its time bin, so the vision tower learns to encode them where the language model can read
+    them. The head is not part of the saved model (a plain Qwen2-VL)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         hidden = model.config.text_config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1 + len(world.SHAPES) + 1 + len(world.MOTIONS))
+        self.sizes = (1 + len(world.SHAPES), 1 + len(world.MOTIONS), TIME_BINS)
+        self.head = torch.nn.Linear(hidden, sum(self.sizes))
         self.features: torch.Tensor | None = None
-        self._tally = torch.zeros(3, dtype=torch.long)
+        self._tally = torch.zeros(5, dtype=torch.long)
         model.model.visual.register_forward_hook(self._keep)
 
     def _keep(self, module: torch.nn.Module, args: object, output: object) -> None:
         self.features = getattr(output, "pooler_output", output)
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """The head's cross-entropy on ``labels`` [tokens, 2]; also tallies its own accuracy on the
-        tokens a shape covers (:meth:`accuracy`), so a log tells whether the vision side has learned."""
-        logits = self.head(self.features)
-        shapes = 1 + len(world.SHAPES)
+        """The head's cross-entropy on ``labels`` [tokens, 3] (summed over the three targets); also
+        tallies its own accuracy (:meth:`accuracy`: shape and motion on the tokens a shape covers, time
+        on all), so a log tells whether the vision side has learned."""
+        logits = self.head(self.features).split(self.sizes, dim=-1)
         covered = labels[:, 0] > 0
         with torch.no_grad():
-            hits = logits[:, :shapes].argmax(-1).eq(labels[:, 0]) & covered
-            motion_hits = logits[:, shapes:].argmax(-1).eq(labels[:, 1]) & covered
-            self._tally += torch.stack([hits.sum(), motion_hits.sum(), covered.sum()]).cpu()
-        return torch.nn.functional.cross_entropy(logits[:, :shapes], labels[:, 0]) + (
-            torch.nn.functional.cross_entropy(logits[:, shapes:], labels[:, 1])
-        )
+            hits = [part.argmax(-1).eq(labels[:, i]) for i, part in enumerate(logits)]
+            counts = [(hits[0] & covered).sum(), (hits[1] & covered).sum(), hits[2].sum(), covered.sum()]
+            self._tally += torch.tensor([*map(int, counts), len(labels)])
+        return sum(torch.nn.functional.cross_entropy(part, labels[:, i]) for i, part in enumerate(logits))
 
     def accuracy(self) -> dict[str, float]:
-        """Shape and motion accuracy on covered tokens since the last call (training batches)."""
-        shape, motion, covered = self._tally.tolist()
+        """Shape and motion accuracy on covered tokens, time-bin accuracy on all tokens, since the last
+        call (training batches)."""
+        shape, motion, time_hits, covered, tokens = self._tally.tolist()
         self._tally.zero_()
         return {
             "aux_shape": round(shape / max(covered, 1), 3),
             "aux_motion": round(motion / max(covered, 1), 3),
+            "aux_time": round(time_hits / max(tokens, 1), 3),
         }
 
 
@@ -293,7 +308,7 @@ def monitor_batches(
     for count in frame_counts:
         videos = [world.render_frames(i.clip, segment_centres(i.clip.num_frames, count)) for i in items]
         answers = {"caption": [i.caption for i in items], "qa": [i.qa.answer for i in items]}
-        answers["mcq"] = [i.mcq.answer for i in items]
+        answers["mcq"] = [i.mcq.reply for i in items]
         for task in scoring.TASKS:
             texts = [
                 chat_prompt(processor, item.prompts[task]) + answer + "<|im_end|>"

@@ -117,6 +117,13 @@ class MCQItem:
     def prompt(self) -> str:
         return format_mcq_prompt(self.question, self.options)
 
+    @property
+    def reply(self) -> str:
+        """The demo model's answer: the option's text, then its letter in parentheses (``"purple (D)"``).
+        Naming the answer first turns the letter into a copy from the matching option line, which a
+        tiny model learns; the letter alone it did not (a constant letter, 25%). Parsers read ``(D)``."""
+        return f"{self.options['ABCD'.index(self.answer)]} ({self.answer})"
+
 
 @dataclass(frozen=True)
 class Clip:

@@ -203,7 +203,7 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
     for seed in range(5):
         clip = world.make_clip(seed)
         picks = segment_centres(clip.num_frames, 8)
-        labels = token_labels(clip, picks).reshape(4, 6, 6, 2)
+        labels = token_labels(clip, picks).reshape(4, 6, 6, 3)
         frames = world.render_frames(clip, picks)
         for g in range(4):
             visible = [t for t in clip.tracks if t.appear <= picks[2 * g] < t.disappear]
@@ -213,13 +213,13 @@ def test_aux_token_labels_sit_where_the_processor_puts_each_shape() -> None:
             labelled = labels[g, ..., 0] > 0
             assert int(labelled.sum()) >= len(visible)
             for r, c in labelled.nonzero().tolist():
-                track = classes[tuple(labels[g, r, c].tolist())]  # a visible shape's classes
+                track = classes[tuple(labels[g, r, c, :2].tolist())]  # a visible shape's classes
                 cell = frames[2 * g][28 * r : 28 * r + 28, 28 * c : 28 * c + 28]
                 assert _shape_pixels(cell, track.colour).sum() >= 28 * 28 / 8  # it covers the cell
             for t in visible:
                 cx, cy = t.centre(picks[2 * g])
                 r, c = int(cy // 28), int(cx // 28)
-                assert labels[g, r, c].tolist() == [
+                assert labels[g, r, c, :2].tolist() == [
                     1 + world.SHAPES.index(t.shape),
                     1 + world.MOTIONS.index(t.motion),
                 ]
@@ -301,3 +301,23 @@ def test_std_equals_dense_on_heldout_clips(committed: tuple, budget: int) -> Non
     assert all(r.drafted > 0 for r in rows)
     if budget == 1024:  # every visual token kept: the draft is the dense model, every draft is accepted
         assert all(r.accepted == r.drafted for r in rows)
+
+
+def test_aux_time_bins_follow_the_clock_and_order_the_appearances() -> None:
+    """Every token of a temporal patch carries that patch's time bin; bins never fall through a clip and
+    reach the last bin; a two-shape clip's appearances lie in different bins, the first in the lower."""
+    from pipeline.demo.training import TIME_BINS, time_bin, token_labels
+
+    pairs = 0
+    for seed in range(40):
+        clip = world.make_clip(seed)
+        picks = segment_centres(clip.num_frames, 32)
+        bins = token_labels(clip, picks).reshape(16, 36, 3)[..., 2]
+        assert (bins == bins[:, :1]).all()  # one bin per temporal patch
+        per_patch = bins[:, 0].tolist()
+        assert per_patch == sorted(per_patch) and per_patch[0] == 0 and per_patch[-1] == TIME_BINS - 1
+        if len(clip.tracks) == 2:
+            pairs += 1
+            first, second = clip.tracks
+            assert time_bin(first.appear, clip.num_frames) < time_bin(second.appear, clip.num_frames)
+    assert pairs >= 10

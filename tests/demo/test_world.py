@@ -230,3 +230,16 @@ def test_shapes_sit_on_the_token_grid_so_each_token_shows_a_fixed_quarter_of_its
     assert quarters["square"] == [1.0] * 4
     assert all(0.7 < v < 0.85 for v in quarters["circle"])
     assert all(v < 0.3 for v in quarters["triangle"][:2]) and all(v > 0.7 for v in quarters["triangle"][2:])
+
+
+def test_mcq_reply_names_the_option_then_its_letter_and_parses_to_the_letter() -> None:
+    from pipeline.prompts import parse_mcq_answer
+
+    letters = set()
+    for seed in range(30):
+        for item in world.mcq_items(world.make_clip(seed)):
+            word, letter = item.reply.rsplit(" ", 1)
+            assert letter == f"({item.answer})" and word == item.options["ABCD".index(item.answer)]
+            assert parse_mcq_answer(item.reply, len(item.options)) == item.answer
+            letters.add(item.answer)
+    assert letters == set("ABCD")  # the answers vary
