@@ -271,12 +271,14 @@ def test_committed_model_quality_on_heldout_clips(committed: tuple) -> None:
     items = [world.eval_item(s) for s in world.heldout_seeds(30, offset=500_000)]
     tally = scoring.evaluate_items(model, processor, items, _h264_sample, clips_per_batch=10)
     scores = tally.summary()
-    # Bounds of what the committed weights learned (its card has the 300-clip figures): a random model
-    # names a colour 1 time in 6, a shape 1 in 3, a direction 1 in 4.
-    assert scores["caption_colour"] >= 0.6, scores
-    assert scores["caption_shape"] >= 0.55, scores
-    assert scores["caption_motion"] >= 0.5, scores
-    assert scores["qa"] >= 0.6, scores
+    # Bounds of what the committed weights learned (measured on these 30 clips: colour 1.0, order 1.0,
+    # shape 0.93, motion 0.80, QA 0.97; its card has the 300-clip figures): a random model names a
+    # colour 1 time in 6, a shape 1 in 3, a direction 1 in 4, the order of two shapes 1 in 2.
+    assert scores["caption_colour"] >= 0.9, scores
+    assert scores["caption_order"] >= 0.9, scores
+    assert scores["caption_shape"] >= 0.75, scores
+    assert scores["caption_motion"] >= 0.6, scores
+    assert scores["qa"] >= 0.8, scores
 
 
 @pytest.mark.slow
