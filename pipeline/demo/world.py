@@ -119,9 +119,11 @@ class MCQItem:
 
     @property
     def reply(self) -> str:
-        """The demo model's answer: the option's text, then its letter in parentheses (``"purple (D)"``).
-        Naming the answer first turns the letter into a copy from the matching option line, which a
-        tiny model learns; the letter alone it did not (a constant letter, 25%). Parsers read ``(D)``."""
+        """The demo model's answer: the option's text, then its letter in parentheses (``"purple (D)"``;
+        parsers read ``(D)``). Naming the answer first makes the letter a copy from the matching option
+        line instead of a lookup in one step. Measured: trained on letters alone, the model answered a
+        constant letter (25%); trained on this, it names the right option 55 times in 60 but copies its
+        letter 19 times (the card)."""
         return f"{self.options['ABCD'.index(self.answer)]} ({self.answer})"
 
 
