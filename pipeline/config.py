@@ -133,7 +133,8 @@ class PipelineConfig:
         1,
         (
             "Batches per actor that are decoded a second time densely, to measure the speedup and check that "
-            "StD output is identical. 0 disables (no overhead); -1 compares every batch (what evaluate does)."
+            "StD output is identical (a run of several segments of ~500k videos starts new actors for each). "
+            "0 disables (no overhead); -1 compares every batch (what evaluate does)."
         ),
     )
     dtype: DType = flag(

@@ -16,7 +16,9 @@ A video's items are adjacent and lie in one chunk (they come from one input reco
 the plan is the video ``v - video_offsets[c]`` of chunk ``c``, where ``video_offsets`` is the running
 count of videos over the chunks (:func:`chunk_spans`). The read stage (:func:`read_video_rows`, Ray
 tasks) cuts its videos' rows from the chunks it needs; :func:`task_sizes` decides how many videos a read
-task and a decode task take; :func:`lost_items` finds the items no result row came back for.
+task and a decode task take. Each item travels with its *ordinal*, its place in the plan; the annotate
+stage (:class:`Annotate`) tags every result row with it, the driver keeps one bit per item
+(:class:`ReceivedItems`), and :func:`lost_items` finds the items no result row came back for.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from pipeline.sources import ITEM_SCHEMA, items_from_table, video_rows
+from pipeline.sources import ITEM_SCHEMA, items_from_json, items_from_table, video_rows
 
 PACK_CODEC = "zstd"  # ~10x on synthetic manifests (ids and URIs repeat their prefixes); 10 ms a chunk to read
 MAX_READ_TASKS = 10_000  # read tasks of a run; one video per decode task up to this many (task_sizes)
+ORDINAL = "_ordinal"  # the annotate stage's extra column: each result row's item ordinal (Annotate)
+SEGMENT_VIDEOS = 500_000  # videos per Ray Dataset execution of a run (segments)
 PIECE_ITEMS = 8_192  # items per stored chunk (cut at video boundaries): what a read task unpacks per chunk
 
 
@@ -133,6 +137,31 @@ def video_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.n
     return np.concatenate([[0], np.cumsum([c.videos for c in chunks], dtype=np.int64)]).astype(np.int64)
 
 
+def item_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.ndarray:
+    """The ordinal of each chunk's first item (its place in the plan), and the plan's item count."""
+    return np.concatenate([[0], np.cumsum([c.items for c in chunks], dtype=np.int64)]).astype(np.int64)
+
+
+def segments(chunks: tuple[PendingChunk, ...], videos: int | None = None) -> list[tuple[PendingChunk, ...]]:
+    """The plan's chunks cut into runs of whole chunks of about ``videos`` (default
+    :data:`SEGMENT_VIDEOS`) videos: a run executes one Ray Dataset per segment, one after the other.
+    Ray Data keeps a record per output block of each stage until its dataset ends (~2.2 KB a block,
+    ray-project/ray#66016), so one dataset for a whole 10M-video run would grow the driver by ~1 GB;
+    a segment's records go when it ends. The cost: each segment starts its own actor pool (the model is
+    loaded again) and drains before the next starts, a few minutes in ~500k videos."""
+    videos = videos or SEGMENT_VIDEOS
+    cut: list[tuple[PendingChunk, ...]] = []
+    current: list[PendingChunk] = []
+    count = 0
+    for chunk in chunks:
+        current.append(chunk)
+        count += chunk.videos
+        if count >= videos:
+            cut.append(tuple(current))
+            current, count = [], 0
+    return [*cut, tuple(current)] if current else cut
+
+
 def chunk_spans(offsets: np.ndarray, first: int, end: int) -> Iterator[tuple[int, int, int]]:
     """The chunks that hold the plan's videos ``[first, end)``: (chunk, first video in it, end in it)."""
     assert 0 <= first <= end <= offsets[-1], (first, end, offsets[-1])
@@ -174,11 +203,12 @@ def chunk_refs(store: PendingStore, chunks: Iterable[PendingChunk]) -> list:
 
 
 def read_video_rows(
-    batch: dict[str, np.ndarray], chunks: list, offsets: np.ndarray, per_task: int
+    batch: dict[str, np.ndarray], chunks: list, offsets: np.ndarray, per_task: int, item_offsets: np.ndarray
 ) -> pa.Table:
     """Read stage (Ray tasks): the video rows (:func:`pipeline.sources.video_rows`) of read task
     ``batch["id"]``'s videos (``per_task`` of them from ``id * per_task``), cut from the chunks of
-    pending items in the object store (``chunks``: their refs; ``offsets``: :func:`video_offsets`)."""
+    pending items in the object store (``chunks``: their refs; ``offsets``: :func:`video_offsets`).
+    Each item carries its ordinal, its place in the plan (``item_offsets``: :func:`item_offsets`)."""
     import ray
 
     rows: list[dict] = []
@@ -187,25 +217,59 @@ def read_video_rows(
         for c, lo, hi in chunk_spans(offsets, first, end):
             items = unpack(ray.get(chunks[c]))
             starts = video_starts(items)
-            rows += video_rows(items_from_table(items.slice(starts[lo], starts[hi] - starts[lo])))
+            span = items.slice(starts[lo], starts[hi] - starts[lo])
+            rows += video_rows(items_from_table(span, first_ordinal=int(item_offsets[c] + starts[lo])))
     return pa.Table.from_pylist(rows)
 
 
-def lost_items(
-    store: PendingStore, chunks: tuple[PendingChunk, ...], received: pa.Array | pa.ChunkedArray
-) -> pa.Table:
-    """The pending items whose id is not in ``received`` (the ids of the rows that came back, each a
-    pending item's). When as many distinct ids came back as there are items, none is lost and no chunk
-    is read again; otherwise each chunk is read back from the store and ``received`` is probed with
-    that chunk's ids (a hash table of one chunk, never of the run's ids)."""
-    expected = sum(chunk.items for chunk in chunks)
-    if len(received) >= expected and pc.count_distinct(received).as_py() == expected:
-        return ITEM_SCHEMA.empty_table()
+class Annotate:
+    """The annotate stage (a Ray actor): ``annotator_cls(settings)`` on each batch of video rows, its
+    result rows (one per item, by id) tagged with their item's ordinal in :data:`ORDINAL`, which the
+    driver reads into :class:`ReceivedItems` and drops before writing. An annotator's contract stays
+    "one row per item, with the item's id"."""
+
+    def __init__(self, annotator_cls: type, settings: object) -> None:
+        self.annotator = annotator_cls(settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        table = self.annotator(batch)
+        ordinals = {item.id: item.ordinal for text in batch["items"] for item in items_from_json(str(text))}
+        ids = table.column("id").to_pylist()
+        return table.append_column(ORDINAL, pa.array([ordinals[i] for i in ids], pa.int64()))
+
+
+class ReceivedItems:
+    """Which of a plan's items a result row came back for: one bit per item, by ordinal (10M items:
+    1.25 MB, where their ids took ~26 bytes each). A row that comes back twice sets its bit once."""
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self._bits = np.zeros((items + 7) // 8, dtype=np.uint8)
+
+    def add(self, ordinals: pa.Array | pa.ChunkedArray | np.ndarray) -> None:
+        at = np.asarray(ordinals, dtype=np.int64)
+        if at.size and (at.min() < 0 or at.max() >= self.items):
+            raise ValueError(f"item ordinals outside the plan's {self.items} items")
+        np.bitwise_or.at(self._bits, at >> 3, np.left_shift(1, at & 7).astype(np.uint8))
+
+    def missing(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The ordinals in ``[start, stop)`` that no row came back for."""
+        stop = self.items if stop is None else stop
+        lo, hi = start >> 3, (stop + 7) >> 3
+        got = np.unpackbits(self._bits[lo:hi], bitorder="little")[start - 8 * lo : stop - 8 * lo]
+        return np.flatnonzero(got == 0) + start
+
+    def complete(self) -> bool:
+        return self.missing().size == 0
+
+
+def lost_items(store: PendingStore, chunks: tuple[PendingChunk, ...], received: ReceivedItems) -> pa.Table:
+    """The pending items no result row came back for (``received``). Only the chunks that miss some are
+    read back from the store."""
     lost = []
-    for chunk in chunks:
-        items = store.get(chunk.handle)
-        ids = items.column("id")
-        back = pc.filter(received, pc.is_in(received, value_set=ids))
-        if pc.count_distinct(back).as_py() < len(ids):
-            lost.append(items.filter(pc.invert(pc.is_in(ids, value_set=back))))
+    starts = item_offsets(chunks)
+    for c, chunk in enumerate(chunks):
+        missing = received.missing(int(starts[c]), int(starts[c + 1]))
+        if missing.size:
+            lost.append(store.get(chunk.handle).take(pa.array(missing - starts[c])))
     return pa.concat_tables(lost).unify_dictionaries() if lost else ITEM_SCHEMA.empty_table()

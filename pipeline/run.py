@@ -10,8 +10,11 @@ checked before Ray starts a model actor (``pipeline.checks``). The run then hold
 (``pipeline.lease``: one run per output) while it reads the resume set and works. Result rows stream
 back to the driver (text and counters only: frames stay in the workers), which commits them in whole
 files and keeps the accounting; a batch that Ray retries after an actor crash is delivered once, and an
-item whose task failed for good comes back as an error row written by the driver. SIGINT / SIGTERM stop
-the run with what was received committed and a summary that says ``interrupted``.
+item whose task failed for good comes back as an error row written by the driver (each row carries its
+item's ordinal, and the driver keeps a bit per item: ``pipeline.pending.ReceivedItems``). A large run
+executes one Ray Dataset per segment of ~500k videos, one after the other, so Ray Data's per-block
+records do not pile up in the driver (``pipeline.pending.segments``). SIGINT / SIGTERM stop the run with
+what was received committed and a summary that says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -42,15 +45,20 @@ from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
 from pipeline.pending import (
+    ORDINAL,
+    Annotate,
     CountingPending,
     InDriverPending,
     ObjectStorePending,
     PendingChunk,
     PendingStore,
+    ReceivedItems,
     chunk_refs,
+    item_offsets,
     lost_items,
     pieces,
     read_video_rows,
+    segments,
     task_sizes,
     video_offsets,
 )  # fmt: skip
@@ -273,6 +281,7 @@ def build_dataset(
             "chunks": chunk_refs(plan.store, plan.chunks),
             "offsets": offsets,
             "per_task": sizes.read_videos,
+            "item_offsets": item_offsets(plan.chunks),
         },
         batch_size=None,
         batch_format="numpy",
@@ -289,8 +298,11 @@ def build_dataset(
         max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(
-        annotator_cls,
-        fn_constructor_kwargs={"settings": annotator_settings(config, plan, num_gpus)},
+        Annotate,  # annotator_cls, its rows tagged with their item's ordinal (the driver's row-loss check)
+        fn_constructor_kwargs={
+            "annotator_cls": annotator_cls,
+            "settings": annotator_settings(config, plan, num_gpus),
+        },
         # An elastic pool that starts at --num-actors and may shrink to one actor. A fixed pool cannot
         # give back a CPU: when a node is lost, Ray restarts its actors on the nodes left, and if they
         # take every CPU there, no video is decoded again and the run hangs. Ray Data shrinks an
@@ -360,8 +372,13 @@ def _run(
             num_gpus,
             config.decoder,
         )
-        dataset = build_dataset(config, plan, num_gpus, annotator_cls, decode_fn)
-        outcome = _stream(dataset, config, plan, accounting, lease)
+        parts = [replace(plan, chunks=chunks) for chunks in segments(plan.chunks)]
+        if len(parts) > 1:
+            log.info(
+                "[run] %d segments of about %d videos, one Ray Dataset each", len(parts), parts[0].videos()
+            )
+        datasets = ((part, build_dataset(config, part, num_gpus, annotator_cls, decode_fn)) for part in parts)
+        outcome = _stream(datasets, config, plan, accounting, lease)
     summary = {
         "run_id": plan.run_id,
         "task": config.task,
@@ -397,9 +414,8 @@ LOST_ITEM_ERROR = (
 )
 
 
-def lost_item_rows(config: PipelineConfig, plan: Plan, received: pa.Array | pa.ChunkedArray) -> pa.Table:
-    """Error rows for the pending items that no result row came back for (their block was dropped);
-    ``received``: the ids of the rows that came back (each a pending item's)."""
+def lost_item_rows(config: PipelineConfig, plan: Plan, received: ReceivedItems) -> pa.Table:
+    """Error rows for the pending items that no result row came back for (their block was dropped)."""
     now = datetime.now(timezone.utc)
     rows = [
         {"id": item.id, "video_id": item.video_id, "video_uri": item.video_uri, "task": item.task,
@@ -446,10 +462,10 @@ class _Outcome:
 
 
 def _write_lost_items(
-    config: PipelineConfig, plan: Plan, received: list[pa.Array], sink: ParquetSink, accounting: RunAccounting
+    config: PipelineConfig, plan: Plan, received: ReceivedItems, sink: ParquetSink, accounting: RunAccounting
 ) -> None:
     """Error rows for the items whose block came back from no task (see :func:`lost_item_rows`)."""
-    lost = lost_item_rows(config, plan, pa.chunked_array(received, type=pa.string()).combine_chunks())
+    lost = lost_item_rows(config, plan, received)
     if lost.num_rows:
         log.warning(
             "[run] %d item(s) got no result (their task failed after retries): error rows", lost.num_rows
@@ -459,26 +475,33 @@ def _write_lost_items(
 
 
 def _stream(
-    ds, config: PipelineConfig, plan: Plan, accounting: RunAccounting, lease: OutputLease
+    datasets: Iterable[tuple[Plan, object]],
+    config: PipelineConfig,
+    plan: Plan,
+    accounting: RunAccounting,
+    lease: OutputLease,
 ) -> _Outcome:
-    """Write every result block as it arrives; on a signal, an error or a lost lease, commit what was
-    received and stop."""
+    """Write every result block of each (segment, dataset) as it arrives, then the segment's lost items;
+    on a signal, an error or a lost lease, commit what was received and stop."""
     sink = ParquetSink(config.output, plan.storage, plan.run_id, config.rows_per_file)
     progress = Progress(accounting)
     outcome = _Outcome(files=sink.files)
-    received: list[pa.Array] = []  # the ids of the rows written (Arrow: ~30 bytes a row, not a set)
     with SignalGuard() as guard:
         try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if lease.lost():
-                    raise PipelineError(f"another run took over the lease of {config.output}")
-                with guard.critical():  # written and counted together: the summary agrees with the files
-                    sink.write(block)
-                    accounting.add(block)
-                    received.append(block.column("id").combine_chunks())
-                progress.update()
-            with guard.critical():
-                _write_lost_items(config, plan, received, sink, accounting)
+            for segment, ds in datasets:
+                received = ReceivedItems(segment.to_run)  # a bit per item of the segment: its row came
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    if lease.lost():
+                        raise PipelineError(f"another run took over the lease of {config.output}")
+                    with guard.critical():  # written and counted together: the summary agrees with the files
+                        ordinals = block.column(ORDINAL)
+                        block = block.drop_columns([ORDINAL])
+                        sink.write(block)
+                        accounting.add(block)
+                        received.add(ordinals)
+                    progress.update()
+                with guard.critical():
+                    _write_lost_items(config, segment, received, sink, accounting)
         except RunInterrupted as exc:
             outcome.signal = exc.signal_name
             log.warning("[run] %s: stopping; committing the rows received so far", outcome.signal)

@@ -78,6 +78,7 @@ class Item:
     answer: str | None = None  # ground-truth letter (mcq) or text (qa), when the manifest has one
     error: str | None = None  # set when the item cannot run; becomes an error row
     source_uri: str | None = None  # what the decoder opens where it differs from video_uri; never serialised
+    ordinal: int | None = None  # the item's place in its run's plan, set by the read stage (row-loss check)
 
     @property
     def readable_uri(self) -> str:
@@ -565,9 +566,14 @@ def items_table(items: Iterable[Item]) -> pa.Table:
     )
 
 
-def items_from_table(table: pa.Table) -> list[Item]:
-    names = [f.name for f in fields(Item)]
-    return [Item(**{**row, "options": row["options"] or []}) for row in table.select(names).to_pylist()]
+def items_from_table(table: pa.Table, first_ordinal: int | None = None) -> list[Item]:
+    """The items of a table of :data:`ITEM_SCHEMA`; with ``first_ordinal``, numbered from it."""
+    rows = table.select(ITEM_SCHEMA.names).to_pylist()
+    return [
+        Item(**{**row, "options": row["options"] or []},
+             ordinal=None if first_ordinal is None else first_ordinal + i)
+        for i, row in enumerate(rows)
+    ]  # fmt: skip
 
 
 def _caption_columns_fit(table: pa.Table) -> bool:

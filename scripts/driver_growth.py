@@ -8,7 +8,8 @@ and, once 20% of the rows are written and again once all are, reads ``RssAnon`` 
 ``gc.collect()`` and counts the live Python objects by type; it prints the growth per row received and
 the object types that grew. ``--max-read-tasks`` overrides ``pipeline.pending.MAX_READ_TASKS`` (below
 ``videos / batch size`` it makes every block ``batch size`` videos: per-row growth apart from
-per-block growth). ``--trace`` adds a tracemalloc diff (slow). ``--drop-block-stats`` (an experiment, not a fix)
+per-block growth). ``--segment-videos`` overrides ``pipeline.pending.SEGMENT_VIDEOS`` (one Ray
+Dataset per segment). ``--trace`` adds a tracemalloc diff (slow). ``--drop-block-stats`` (an experiment, not a fix)
 empties ``MapOperator._output_blocks_stats`` after each block it hands on.
 
 Measured (2026-12-01, 2-vCPU Xeon shared with a training job; 20,000 videos, ``--batch-size 64``):
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("videos", type=int)
     parser.add_argument("batch_size", type=int)
     parser.add_argument("--max-read-tasks", type=int, default=None)
+    parser.add_argument("--segment-videos", type=int, default=None, help="override SEGMENT_VIDEOS")
     parser.add_argument("--trace", action="store_true")
     parser.add_argument(
         "--drop-block-stats",
@@ -70,6 +72,8 @@ def main() -> None:
         MapOperator._get_next_inner = get_next_keeping_no_stats
     if args.max_read_tasks:
         pending.MAX_READ_TASKS = args.max_read_tasks
+    if args.segment_videos:
+        pending.SEGMENT_VIDEOS = args.segment_videos
     root = Path(args.out).resolve()
     manifest = write_manifest(root / f"manifest-caption-{args.videos}.jsonl", args.videos, "caption")
     output = tempfile.mkdtemp(prefix="out-", dir=root)

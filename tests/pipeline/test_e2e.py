@@ -194,5 +194,6 @@ def test_cpu_fallback_keeps_decoding_a_separate_task_stage(
                             num_gpus=0, max_new_tokens=2, dense_sample=0)  # fmt: skip
     ds = build_dataset(config, plan_run(config), num_gpus=0.0).materialize()
     stats = ds.stats()
-    assert "MapBatches(decode_frames)" in stats and "decode_frames)->MapBatches(Annotator)" not in stats
+    assert "MapBatches(decode_frames)" in stats and "MapBatches(Annotate)" in stats
+    assert "decode_frames)->MapBatches(Annotate)" not in stats
     assert ds.take_all()[0]["status"] == "ok"

@@ -25,9 +25,12 @@ from pipeline.pending import (
     MAX_READ_TASKS,
     CountingPending,
     PendingChunk,
+    ReceivedItems,
     chunk_spans,
+    item_offsets,
     lost_items,
     pack,
+    read_video_rows,
     task_sizes,
     unpack,
     video_offsets,
@@ -124,14 +127,58 @@ def test_decode_tasks_stay_within_a_batch_however_large_the_run() -> None:
 
 def test_lost_items_are_the_pending_items_that_did_not_come_back() -> None:
     store = RecordingStore()
-    tables = [items_table(sources.expand_items([{"id": f"v{i}", "video_uri": f"/{i}.mp4"}], "caption"))
-              for i in range(4)]  # fmt: skip
-    chunks = tuple(PendingChunk(store.put(t), 1, 1) for t in tables)
-    every = pa.array(["v0:caption", "v1:caption", "v2:caption", "v3:caption"])
-    assert lost_items(store, chunks, every).num_rows == 0
-    twice = pa.array(["v0:caption", "v0:caption", "v2:caption", "v3:caption"])  # as many ids, one twice
-    assert lost_items(store, chunks, twice).column("id").to_pylist() == ["v1:caption"]
-    assert lost_items(store, chunks, pa.array([], pa.string())).num_rows == 4
+    records = [{"id": f"v{i}", "video_uri": f"/{i}.mp4", "questions": "x?|y?"} for i in range(4)]
+    tables = [items_table(sources.expand_items(records[i : i + 2], "qa")) for i in (0, 2)]  # 4 items each
+    chunks = tuple(PendingChunk(store.put(t), 4, 2) for t in tables)
+    every = ReceivedItems(8)
+    every.add(np.arange(8))
+    assert every.complete() and lost_items(store, chunks, every).num_rows == 0
+    some = ReceivedItems(8)
+    some.add(pa.chunked_array([[0, 0, 2, 3], [7, 4]]))  # ordinal 0 twice: it counts once
+    assert not some.complete() and some.missing().tolist() == [1, 5, 6]
+    lost = lost_items(store, chunks, some).column("id").to_pylist()
+    assert lost == ["v0:qa:1", "v2:qa:1", "v3:qa:0"]  # ordinal 5 is the second chunk's second item
+    assert lost_items(store, chunks, ReceivedItems(8)).num_rows == 8
+    with pytest.raises(ValueError, match="outside the plan"):
+        some.add(np.array([8]))
+
+
+def test_received_items_keep_a_bit_per_item_at_every_offset() -> None:
+    rng = np.random.default_rng(0)
+    for items in (1, 7, 8, 9, 1000, 10_001):
+        received, back = ReceivedItems(items), rng.random(items) < 0.5
+        received.add(np.flatnonzero(back))
+        assert received.missing().tolist() == np.flatnonzero(~back).tolist()
+        for start, stop in (
+            (0, items),
+            (items // 3, items),
+            (1, max(1, items - 1)),
+            (items // 2, items // 2),
+        ):
+            expected = [i for i in np.flatnonzero(~back) if start <= i < stop]
+            assert received.missing(start, stop).tolist() == expected
+    assert ReceivedItems(10_000_000)._bits.nbytes == 1_250_000  # 10M items: 1.25 MB
+
+
+def test_the_read_stage_numbers_items_by_their_place_in_the_plan(ray_local: str) -> None:
+    import ray
+
+    records = [{"id": f"v{i}", "video_uri": f"/{i}.mp4", "questions": "x?|y?"} for i in range(5)]
+    tables = [
+        items_table(sources.expand_items(records[:2], "qa")),
+        items_table(sources.expand_items(records[2:], "qa")),
+    ]
+    chunks = [PendingChunk(t, t.num_rows, t.num_rows // 2) for t in tables]
+    refs = [ray.put(pack(t)) for t in tables]
+    kwargs = {"chunks": refs, "offsets": video_offsets(chunks), "item_offsets": item_offsets(chunks)}
+    rows = read_video_rows({"id": np.array([1])}, per_task=2, **kwargs)  # videos 2 and 3: chunk 1's first two
+    items = [item for text in rows.column("items").to_pylist() for item in sources.items_from_json(text)]
+    assert [(i.id, i.ordinal) for i in items] == [
+        ("v2:qa:0", 4),
+        ("v2:qa:1", 5),
+        ("v3:qa:0", 6),
+        ("v3:qa:1", 7),
+    ]
 
 
 # --- runs on local Ray with stub stages ------------------------------------------------------------------
@@ -204,3 +251,40 @@ def test_a_dropped_decode_block_of_a_large_run_becomes_error_rows_for_its_videos
     assert lost == ["v4", "v5"]  # the poisoned video's decode block (2 videos, the batch), nothing more
     assert all(written[v]["error"] == LOST_ITEM_ERROR for v in lost)
     assert summary["status"] == "ok" and summary["rows_error"] == 2
+
+
+def test_a_run_in_segments_writes_one_row_per_item_and_loses_only_a_dropped_block(
+    ray_local: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ray import cloudpickle
+
+    from pipeline.bench.planning import StubAnnotator
+    from pipeline.run import run_pipeline
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(sources, "RECORD_CHUNK", 3)  # chunks of 3 videos (6 items)
+    monkeypatch.setattr(pending, "SEGMENT_VIDEOS", 3)  # a segment per chunk: three Ray Datasets
+    monkeypatch.setattr(pending, "MAX_READ_TASKS", 2)  # a segment's 3 videos: decode blocks of 2 and 1
+    rows = [
+        {"id": f"v{i}", "video_uri": f"/v/{'poison' if i == 4 else i}.mp4", "questions": ["q0?", "q1?"]}
+        for i in range(8)
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("INFO", logger="pipeline.run"):
+        summary = run_pipeline(
+            _stub_config(str(tmp_path / "m.jsonl"), tmp_path / "out"), StubAnnotator, die_on_poison
+        )
+    assert "3 segments" in caplog.text
+    written = _rows(tmp_path / "out")
+    ids = [r["id"] for r in written]
+    assert sorted(ids) == sorted(f"v{i}:qa:{q}" for i in range(8) for q in (0, 1))  # each item once
+    lost = sorted({r["video_id"] for r in written if r["status"] == "error"})
+    assert lost == ["v3", "v4"]  # the second segment's block of the poisoned video, nothing more
+    assert summary["status"] == "ok" and summary["rows"] == 16 and summary["rows_error"] == 4
+
+
+def test_segments_cut_whole_chunks_of_about_the_given_videos() -> None:
+    chunks = tuple(PendingChunk(None, items=2 * v, videos=v) for v in (3, 3, 1, 5, 2))
+    cut = pending.segments(chunks, videos=4)
+    assert [[c.videos for c in part] for part in cut] == [[3, 3], [1, 5], [2]]
+    assert pending.segments(chunks, videos=100) == [chunks] and pending.segments((), videos=4) == []
