@@ -133,7 +133,7 @@ class PipelineConfig:
         1,
         (
             "Batches per actor that are decoded a second time densely, to measure the speedup and check that "
-            "StD output is identical (a run of several segments of ~500k videos starts new actors for each). "
+            "StD output is identical (a run of several --segment-videos segments starts new actors for each). "
             "0 disables (no overhead); -1 compares every batch (what evaluate does)."
         ),
     )
@@ -234,6 +234,15 @@ class PipelineConfig:
         256,
         "Rows buffered per Parquet file. Larger: fewer files, but more rows redone after a crash.",
     )
+    segment_videos: int = flag(
+        500_000,
+        (
+            "Videos per Ray Dataset: a larger run executes one per segment, one after the other, so the "
+            "driver's memory for Ray Data's per-block records (~7 KB a block) is freed as each ends. Each "
+            "segment starts its own model actors (the model loads again) and drains before the next: on "
+            "a cluster where a segment takes minutes, raise it."
+        ),
+    )
     limit: int | None = flag(
         None,
         "Process at most this many task items (after resume filtering). None: all. Bounds a scheduled run.",
@@ -277,6 +286,7 @@ class PipelineConfig:
             _positive_int(name, getattr(self, name))
         _positive_int("num_frames", self.num_frames, most=MAX_FRAMES)
         _positive_int("rows_per_file", self.rows_per_file)
+        _positive_int("segment_videos", self.segment_videos)
         _positive_int("max_decode_mib", self.max_decode_mib)
         _positive_int("num_samples", self.num_samples)
         if self.limit is not None:

@@ -38,7 +38,6 @@ from pipeline.sources import ITEM_SCHEMA, items_from_json, items_from_table, vid
 PACK_CODEC = "zstd"  # ~10x on synthetic manifests (ids and URIs repeat their prefixes); 10 ms a chunk to read
 MAX_READ_TASKS = 10_000  # read tasks of a run; one video per decode task up to this many (task_sizes)
 ORDINAL = "_ordinal"  # the annotate stage's extra column: each result row's item ordinal (Annotate)
-SEGMENT_VIDEOS = 500_000  # videos per Ray Dataset execution of a run (segments)
 PIECE_ITEMS = 8_192  # items per stored chunk (cut at video boundaries): what a read task unpacks per chunk
 
 
@@ -142,14 +141,13 @@ def item_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.nd
     return np.concatenate([[0], np.cumsum([c.items for c in chunks], dtype=np.int64)]).astype(np.int64)
 
 
-def segments(chunks: tuple[PendingChunk, ...], videos: int | None = None) -> list[tuple[PendingChunk, ...]]:
-    """The plan's chunks cut into runs of whole chunks of about ``videos`` (default
-    :data:`SEGMENT_VIDEOS`) videos: a run executes one Ray Dataset per segment, one after the other.
+def segments(chunks: tuple[PendingChunk, ...], videos: int) -> list[tuple[PendingChunk, ...]]:
+    """The plan's chunks cut into runs of whole chunks of about ``videos`` videos (``--segment-videos``):
+    a run executes one Ray Dataset per segment, one after the other.
     Ray Data keeps a record per output block of each stage until its dataset ends (~2.2 KB a block,
     ray-project/ray#66016), so one dataset for a whole 10M-video run would grow the driver by ~1 GB;
     a segment's records go when it ends. The cost: each segment starts its own actor pool (the model is
-    loaded again) and drains before the next starts, a few minutes in ~500k videos."""
-    videos = videos or SEGMENT_VIDEOS
+    loaded again) and drains before the next starts."""
     cut: list[tuple[PendingChunk, ...]] = []
     current: list[PendingChunk] = []
     count = 0

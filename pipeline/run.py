@@ -12,7 +12,7 @@ back to the driver (text and counters only: frames stay in the workers), which c
 files and keeps the accounting; a batch that Ray retries after an actor crash is delivered once, and an
 item whose task failed for good comes back as an error row written by the driver (each row carries its
 item's ordinal, and the driver keeps a bit per item: ``pipeline.pending.ReceivedItems``). A large run
-executes one Ray Dataset per segment of ~500k videos, one after the other, so Ray Data's per-block
+executes one Ray Dataset per segment of ``--segment-videos`` videos, one after the other, so Ray Data's per-block
 records do not pile up in the driver (``pipeline.pending.segments``). SIGINT / SIGTERM stop the run with
 what was received committed and a summary that says ``interrupted``.
 """
@@ -372,7 +372,7 @@ def _run(
             num_gpus,
             config.decoder,
         )
-        parts = [replace(plan, chunks=chunks) for chunks in segments(plan.chunks)]
+        parts = [replace(plan, chunks=chunks) for chunks in segments(plan.chunks, config.segment_videos)]
         if len(parts) > 1:
             log.info(
                 "[run] %d segments of about %d videos, one Ray Dataset each", len(parts), parts[0].videos()

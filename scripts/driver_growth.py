@@ -8,8 +8,8 @@ and, once 20% of the rows are written and again once all are, reads ``RssAnon`` 
 ``gc.collect()`` and counts the live Python objects by type; it prints the growth per row received and
 the object types that grew. ``--max-read-tasks`` overrides ``pipeline.pending.MAX_READ_TASKS`` (below
 ``videos / batch size`` it makes every block ``batch size`` videos: per-row growth apart from
-per-block growth). ``--segment-videos`` overrides ``pipeline.pending.SEGMENT_VIDEOS`` (one Ray
-Dataset per segment). ``--trace`` adds a tracemalloc diff (slow). ``--drop-block-stats`` (an experiment, not a fix)
+per-block growth). ``--segment-videos`` sets the run's ``--segment-videos`` (one Ray Dataset per
+segment). ``--trace`` adds a tracemalloc diff (slow). ``--drop-block-stats`` (an experiment, not a fix)
 empties ``MapOperator._output_blocks_stats`` after each block it hands on.
 
 Measured (2026-12-01, 2-vCPU Xeon shared with a training job; 20,000 videos, ``--batch-size 64``):
@@ -17,7 +17,9 @@ with the default 10,000 read tasks (blocks of 2 videos) +36.2 MB over the last 1
 16,150 more ``BlockStats`` / ``BlockExecStats`` / ``TaskExecWorkerStats`` (+32,452 dicts, +16,099
 lists): one per output block of each map operator, kept by Ray Data's ``MapOperator`` in
 ``_output_blocks_stats`` until the dataset finishes (~2.2 KB a block); with 100 read tasks (blocks of
-64 videos) +3.0 MB over the same rows (659 more ``BlockStats``).
+64 videos) +3.0 MB over the same rows (659 more ``BlockStats``). On 2026-12-02 (an AMD EPYC, idle):
+one dataset +28.2 MB and +16,135 ``BlockStats``; ``--segment-videos 2000`` +29.3 MB and no new
+``BlockStats``, its private memory flat after ~8k rows (BENCHMARKS §8).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("videos", type=int)
     parser.add_argument("batch_size", type=int)
     parser.add_argument("--max-read-tasks", type=int, default=None)
-    parser.add_argument("--segment-videos", type=int, default=None, help="override SEGMENT_VIDEOS")
+    parser.add_argument("--segment-videos", type=int, default=None, help="--segment-videos of the run")
     parser.add_argument("--trace", action="store_true")
     parser.add_argument(
         "--drop-block-stats",
@@ -72,8 +74,6 @@ def main() -> None:
         MapOperator._get_next_inner = get_next_keeping_no_stats
     if args.max_read_tasks:
         pending.MAX_READ_TASKS = args.max_read_tasks
-    if args.segment_videos:
-        pending.SEGMENT_VIDEOS = args.segment_videos
     root = Path(args.out).resolve()
     manifest = write_manifest(root / f"manifest-caption-{args.videos}.jsonl", args.videos, "caption")
     output = tempfile.mkdtemp(prefix="out-", dir=root)
@@ -124,6 +124,7 @@ def main() -> None:
     config = PipelineConfig(
         input=str(manifest), output=output, task="caption", limit=None, dry_run=False,
         batch_size=args.batch_size, num_actors=1, num_gpus=0, if_exists="resume",
+        **({"segment_videos": args.segment_videos} if args.segment_videos else {}),
     )  # fmt: skip
     summary = run_pipeline(config, annotator_cls=StubAnnotator, decode_fn=partial(stub_decode, seconds=0.0))
     keys = ("status", "rows", "rows_ok", "wall_seconds", "startup_seconds", "steady_videos_per_s")

@@ -32,6 +32,7 @@ from pipeline.config import MAX_FRAMES, MIN_PIXELS, PipelineConfig
         ({"max_pixels": MIN_PIXELS - 1}, f"max_pixels must be an integer >= {MIN_PIXELS}"),
         ({"num_frames": MAX_FRAMES + 1}, "num_frames must be an integer <= 10,000"),
         ({"num_frames": 0}, "num_frames must be an integer >= 1, got 0"),
+        ({"segment_videos": 0}, "segment_videos must be an integer >= 1, got 0"),
         ({"input": "  "}, "input must be a path or URI"),
     ],
 )

@@ -263,7 +263,6 @@ def test_a_run_in_segments_writes_one_row_per_item_and_loses_only_a_dropped_bloc
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setattr(sources, "RECORD_CHUNK", 3)  # chunks of 3 videos (6 items)
-    monkeypatch.setattr(pending, "SEGMENT_VIDEOS", 3)  # a segment per chunk: three Ray Datasets
     monkeypatch.setattr(pending, "MAX_READ_TASKS", 2)  # a segment's 3 videos: decode blocks of 2 and 1
     rows = [
         {"id": f"v{i}", "video_uri": f"/v/{'poison' if i == 4 else i}.mp4", "questions": ["q0?", "q1?"]}
@@ -272,7 +271,9 @@ def test_a_run_in_segments_writes_one_row_per_item_and_loses_only_a_dropped_bloc
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level("INFO", logger="pipeline.run"):
         summary = run_pipeline(
-            _stub_config(str(tmp_path / "m.jsonl"), tmp_path / "out"), StubAnnotator, die_on_poison
+            _stub_config(str(tmp_path / "m.jsonl"), tmp_path / "out", segment_videos=3),  # 3 Ray Datasets
+            StubAnnotator,
+            die_on_poison,
         )
     assert "3 segments" in caplog.text
     written = _rows(tmp_path / "out")
