@@ -12,9 +12,9 @@ back to the driver (text and counters only: frames stay in the workers), which c
 files and keeps the accounting; a batch that Ray retries after an actor crash is delivered once, and an
 item whose task failed for good comes back as an error row written by the driver (each row carries its
 item's ordinal, and the driver keeps a bit per item: ``pipeline.pending.ReceivedItems``). A large run
-executes one Ray Dataset per segment of ``--segment-videos`` videos, one after the other, so Ray Data's per-block
-records do not pile up in the driver (``pipeline.pending.segments``). SIGINT / SIGTERM stop the run with
-what was received committed and a summary that says ``interrupted``.
+executes one Ray Dataset per segment of ``--segment-videos`` videos, one after the other, so Ray Data's
+per-block records do not pile up in the driver (``pipeline.pending.segments``). SIGINT / SIGTERM stop
+the run with what was received committed and a summary that says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -489,7 +489,7 @@ def _stream(
     with SignalGuard() as guard:
         try:
             for segment, ds in datasets:
-                received = ReceivedItems(segment.to_run)  # a bit per item of the segment: its row came
+                received = ReceivedItems(segment.to_run)  # one bit per item, set when its row comes back
                 for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     if lease.lost():
                         raise PipelineError(f"another run took over the lease of {config.output}")
