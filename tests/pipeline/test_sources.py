@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from pipeline import sources
 from pipeline.errors import PipelineError
 from pipeline.prompts import format_mcq_prompt
 from pipeline.sources import expand_items, items_from_json, read_records, unique_ids, video_rows
@@ -364,3 +365,39 @@ def test_s3_collisions_json_arrays_and_boms_through_the_endpoint(s3_endpoint: st
     ]
     with pytest.raises(PipelineError, match=f"manifest s3://{s3_bucket}/bad.jsonl, line 3: not valid JSON"):
         read_records(f"s3://{s3_bucket}/bad.jsonl", StorageOptions())
+
+
+def test_plain_qa_questions_take_the_fast_path_and_make_the_same_items() -> None:
+    records = [
+        {
+            "id": "a",
+            "video_uri": "https://h/a.mp4?X-Amz-Signature=s",
+            "questions": [" what? ", "", "  ", "why?"],
+        },
+        {"id": "b", "video_uri": "/v/b.mp4", "questions": ["how?"], "answers": []},
+        {"id": "c", "video_uri": "/v/c.mp4", "questions": ["how?"], "question": "ignored for qa?"},
+    ]
+    assert all(sources._plain_questions(r) for r in records)
+    assert not sources._plain_questions({"id": "d", "video_uri": "/d", "questions": ["q?"], "answers": ["x"]})
+    assert not sources._plain_questions({"id": "d", "video_uri": "/d", "questions": [{"question": "q?"}]})
+    assert not sources._plain_questions({"id": "d", "video_uri": "/d", "questions": "q1?|q2?"})
+    fast = sources._expand_rows(records, "qa", None)
+    general = []
+    for record in records:
+        shown = sources.redact(record["video_uri"])
+        video = {"video_id": record["id"], "video_uri": shown,
+                 "source_uri": record["video_uri"] if record["video_uri"] != shown else None}  # fmt: skip
+        general += [
+            sources._question_item(f"{record['id']}:qa:{q.get('id', i)}", "qa", q, video)
+            for i, q in enumerate(sources._questions(record, "qa"))
+        ]
+    assert fast == general and len(fast) == 6
+    assert [item.get("error") for item in fast] == [
+        None,
+        "empty question",
+        "empty question",
+        None,
+        None,
+        None,
+    ]
+    assert fast[0]["source_uri"].endswith("Signature=s") and "Signature" not in fast[0]["video_uri"]
