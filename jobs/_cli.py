@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import types
@@ -238,10 +239,23 @@ def _finish(result: dict, code: int) -> int:
 
 
 def exit_process(code: int) -> NoReturn:
-    """``sys.exit(code)`` for a job's ``__main__``, once :func:`run_main` has printed the JSON line:
-    whatever is still printed after it (Ray's log thread relays a worker's last lines, such as an
-    actor's "killed by ray.kill", up to a few seconds late; exit handlers) goes to stderr, so the
-    JSON line stays the last line of stdout."""
+    """End a job's process with ``code`` once :func:`run_main` has printed the JSON line (and the run
+    has committed its rows, written its summary and released its lease).
+
+    Ray is shut down here (it stops a local cluster the job started), the log handlers and both
+    streams are flushed, and the process ends with ``os._exit``: no interpreter finalisation, in which a
+    native library's thread can abort the process after a finished run (CI saw a run that had written
+    its summary exit with SIGABRT, "terminate called without an active exception"), and a scheduler
+    would then see a failure. Whatever Ray prints while it shuts down (a worker's last lines, relayed
+    late) goes to stderr, so the JSON line stays the last line of stdout."""
     sys.stdout.flush()
     sys.stdout = sys.stderr
-    sys.exit(code)
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        logging.shutdown()
+        sys.__stdout__.flush()
+        sys.__stderr__.flush()
+        os._exit(code)
