@@ -49,8 +49,8 @@ from pipeline.video_decode import (
     Timeline,
     VideoDecodeError,
     VideoProbe,
-    decord,  # None where there is no wheel; tests set it to None to take the PyAV path
     is_constant_rate,
+    load_decord,
     probe_video,
 )
 
@@ -204,6 +204,11 @@ class DecodePlan:
     max_picture_pixels: int  # the largest picture the decoder may allocate (FFmpeg's max_pixels)
 
 
+def decord_available() -> bool:
+    """Whether decord can be used here (tests patch this to take the PyAV path)."""
+    return load_decord() is not None
+
+
 def plan_decode(probe: VideoProbe, sampling: FrameSampling, source: str | BinaryIO) -> DecodePlan:
     """The readers within ``max_decode_bytes``; raises VideoDecodeError when even the streaming one is not."""
     limit = sampling.max_decode_bytes
@@ -221,7 +226,7 @@ def plan_decode(probe: VideoProbe, sampling: FrameSampling, source: str | Binary
     file_bytes = source.seek(0, 2) if hasattr(source, "seek") else 0
     whole_file = 2 * file_bytes  # decord reads a file object into a bytearray, then copies it
     seeks_right = probe.format_name not in DECORD_MISSEEKS
-    if decord is not None and seeks_right and estimate_decode_bytes(probe, sampling, whole_file) <= limit:
+    if decord_available() and seeks_right and estimate_decode_bytes(probe, sampling, whole_file) <= limit:
         return DecodePlan(["decord", "pyav"], max_picture)
     return DecodePlan(["pyav"], max_picture)
 

@@ -131,14 +131,19 @@ def video_starts(items: pa.Table) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
 
 
+def _starts(counts: list[int]) -> np.ndarray:
+    """Running starts of consecutive spans of ``counts``, then their total: [len(counts) + 1] int64."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
 def video_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.ndarray:
     """The plan's index of each chunk's first video, and the plan's video count: [len(chunks) + 1]."""
-    return np.concatenate([[0], np.cumsum([c.videos for c in chunks], dtype=np.int64)]).astype(np.int64)
+    return _starts([c.videos for c in chunks])
 
 
 def item_offsets(chunks: tuple[PendingChunk, ...] | list[PendingChunk]) -> np.ndarray:
     """The ordinal of each chunk's first item (its place in the plan), and the plan's item count."""
-    return np.concatenate([[0], np.cumsum([c.items for c in chunks], dtype=np.int64)]).astype(np.int64)
+    return _starts([c.items for c in chunks])
 
 
 def segments(chunks: tuple[PendingChunk, ...], videos: int) -> list[tuple[PendingChunk, ...]]:

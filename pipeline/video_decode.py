@@ -17,18 +17,14 @@ caller can shrink it before the next one is decoded. Neither reader keeps a fram
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import BinaryIO
 
-import av
 import numpy as np
-
-try:
-    import decord
-except ImportError:  # aarch64 and other platforms without a decord wheel
-    decord = None
 
 # Frame intervals within this fraction of the median interval count as one constant frame rate
 # (absorbs timestamps rounded to the time base, e.g. 33/34 ms at 29.97 fps in a 1/1000 time base).
@@ -37,6 +33,24 @@ CFR_TOLERANCE = 0.1
 FFMPEG_MAX_PIXELS = 2**31 - 1
 # Bytes per pixel of a decoded picture whose pixel format is unknown (8-bit 4:4:4, or 4:2:0 above 8 bits).
 UNKNOWN_BYTES_PER_PIXEL = 3.0
+
+
+@functools.cache
+def _av() -> ModuleType:
+    """PyAV, imported on first use: the driver plans and writes without loading FFmpeg."""
+    import av
+
+    return av
+
+
+@functools.cache
+def load_decord() -> ModuleType | None:
+    """decord, imported on first use, or None on platforms without a wheel (aarch64 and others)."""
+    try:
+        import decord
+    except ImportError:
+        return None
+    return decord
 
 
 class VideoDecodeError(Exception):
@@ -85,6 +99,7 @@ def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
 def probe_video(source: str | BinaryIO) -> VideoProbe:
     """The header of ``source``'s first video stream; raises VideoDecodeError when it has none."""
     _rewind(source)
+    av = _av()
     with av.open(source) as container:
         if not container.streams.video:
             raise VideoDecodeError("the file has no video stream")
@@ -105,7 +120,7 @@ def _bytes_per_pixel(pix_fmt: str | None) -> float:
     if not pix_fmt:
         return UNKNOWN_BYTES_PER_PIXEL
     try:
-        planes = av.VideoFormat(pix_fmt, 16, 16).components
+        planes = _av().VideoFormat(pix_fmt, 16, 16).components
     except Exception:  # a pixel format libswscale does not describe
         return UNKNOWN_BYTES_PER_PIXEL
     return sum(math.ceil(c.bits / 8) * c.width * c.height for c in planes) / 256
@@ -133,7 +148,7 @@ class PyavReader:
 
     def _open(self) -> None:
         _rewind(self.source)
-        self.container = av.open(self.source)
+        self.container = _av().open(self.source)
         if not self.container.streams.video:
             self.container.close()
             raise VideoDecodeError("the file has no video stream")
@@ -197,6 +212,7 @@ class DecordReader:
 
     def __init__(self, source: str | BinaryIO) -> None:
         _rewind(source)
+        decord = load_decord()
         self.reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
         self.fps = float(self.reader.get_avg_fps() or 0.0)
         self.timestamps: np.ndarray | None = None

@@ -32,7 +32,7 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, dict]
     out, err = process.communicate(timeout=timeout)
     lines = out.strip().splitlines()
     assert lines, f"no JSON line (exit {process.returncode}): {err[-2000:]}"
-    if process.returncode < 0:  # killed by a signal after its JSON line (seen once: SIGABRT at exit)
+    if process.returncode < 0:  # killed by a signal after its JSON line (two CI runs: SIGABRT)
         print(f"exit {process.returncode}; stderr tail:\n{err[-3000:]}", file=sys.stderr)
     return process.returncode, json.loads(lines[-1])
 

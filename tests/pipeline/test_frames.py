@@ -85,7 +85,7 @@ def test_good_clip_decodes_with_requested_frames_and_pixel_limit(clip_dir: Path)
 def test_pyav_fallback_matches_decord(clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sampling = FrameSampling(num_frames=5, max_pixels=64 * 64)
     with_decord = decode_video(str(clip_dir / "green-right.mp4"), sampling)
-    monkeypatch.setattr(frames_module, "decord", None)  # a platform without decord wheels
+    monkeypatch.setattr(frames_module, "decord_available", lambda: False)  # a platform without decord wheels
     with open(clip_dir / "green-right.mp4", "rb") as f:
         with_pyav = decode_video(f, sampling)
     assert (with_decord.backend, with_pyav.backend) == ("decord", "pyav")
@@ -240,10 +240,10 @@ def odd_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(params=["decord", "pyav"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test runs with decord (where installed) and with PyAV alone (a platform without decord)."""
-    if request.param == "decord" and frames_module.decord is None:
+    if request.param == "decord" and not frames_module.decord_available():
         pytest.skip("decord is not installed here")
     if request.param == "pyav":
-        monkeypatch.setattr(frames_module, "decord", None)
+        monkeypatch.setattr(frames_module, "decord_available", lambda: False)
     return request.param
 
 
@@ -316,11 +316,11 @@ def test_a_rotated_clip_comes_out_upright(
 
 
 def test_pyav_rotates_as_decord_does(odd_clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    if frames_module.decord is None:
+    if not frames_module.decord_available():
         pytest.skip("decord is not installed here")
     sampling = FrameSampling(num_frames=2)
     with_decord = decode_video(str(odd_clips["rot90.mp4"]), sampling)
-    monkeypatch.setattr(frames_module, "decord", None)
+    monkeypatch.setattr(frames_module, "decord_available", lambda: False)
     with_pyav = decode_video(str(odd_clips["rot90.mp4"]), sampling)
     assert with_pyav.frames.shape == with_decord.frames.shape
     assert np.abs(with_pyav.frames.astype(int) - with_decord.frames.astype(int)).mean() < 3
