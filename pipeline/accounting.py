@@ -17,7 +17,9 @@ always agrees with the Parquet files:
 - ``rows_budget_covers_prompt``: rows whose whole prompt fits the sparse budget, where the sparse draft
   is the dense model and StD cannot win (a warning is logged when there are any);
 - ``gpu_seconds_per_video`` = GPUs held (actors × GPUs per actor) × wall seconds / videos: what the run
-  cost. ``decode_seconds_per_video`` is the part of it spent generating.
+  cost. It counts the pool at its largest (``--num-actors``) for the whole wall time, so it is an upper
+  bound where the elastic pool shrank (an idle actor is released when decoding cannot keep up).
+  ``decode_seconds_per_video`` is the part of it spent generating (the lower bound).
 """
 
 from __future__ import annotations
