@@ -28,7 +28,9 @@ def model_card(s: dict) -> str:
         f"| {r['step']} | {r['loss']:.3f} | {json.dumps(r['heldout_teacher_forced'])} |"
         f" {json.dumps(r.get('training_aux', {}))} |"
         for r in s["log"]
+        if "step" in r
     ]
+    drills = [r for r in s["log"] if "drill_steps" in r]
     spec = s["spec"]
     return "\n".join(
         [
@@ -65,6 +67,13 @@ def model_card(s: dict) -> str:
             f" {s['config']['warmup']} warm-up steps, {s['config']['clips_per_step']} clips per step at 8 frames,"
             f" auxiliary visual-token loss weight {s['config']['aux_weight']:g} (training only: each visual"
             " token's shape, motion and time bin);",
+            *(
+                f"- first, a text-only MCQ drill (the curriculum's first phase): {d['drill_steps']} steps of"
+                f" {s['config']['drill_batch']} items (one MCQ prompt and its reply, next-token loss on every"
+                f" token), held-out answer-letter accuracy {100 * d['drill_letter_accuracy']['before']:.0f}%"
+                f" before, {100 * d['drill_letter_accuracy']['after']:.0f}% after ({d['drill_seconds'] / 60:.1f} min);"
+                for d in drills
+            ),
             f"- seed {s['config']['seed']}; machine: {s['machine']}",
             f"- wall time: {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all"
             f" (with the final evaluation); load average (15 min) at the end of training: {s['load_average']}",
@@ -107,7 +116,7 @@ def world_lines() -> list[str]:
         " the caption names each shape in order of appearance; the questions ask which colour appeared or"
         " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"
         " MCQ item asks one of them with shuffled options, and the model answers with the option's text, then"
-        ' its letter ("purple (D)"; the letter is what is scored);',
+        ' its letter ("purple D"; the letter is what is scored);',
         "- every answer depends on the few frames where a shape is visible and on the few visual tokens it"
         f" covers ({(2 * world.SHAPE_RADIUS) ** 2 / (world.FRAME_WIDTH * world.FRAME_HEIGHT):.0%} of the"
         " frame's area for a square).",

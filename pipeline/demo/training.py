@@ -67,7 +67,7 @@ QA_TURNS, MCQ_TURNS = 5, 3  # per training sequence, besides the caption
 class TrainConfig:
     """One field per ``jobs.train_demo_model`` flag (``jobs/_cli.py`` reads each field's metadata)."""
 
-    steps: int = flag(3500, "optimizer steps")
+    steps: int = flag(3100, "optimizer steps on video clips (after the drill)")
     clips_per_step: int = flag(8, "batch size at 8 frames (halves each time the frame count doubles, >= 1)")
     lr: float = flag(1e-3, "peak learning rate (AdamW)")
     warmup: int = flag(300, "linear warm-up steps")
@@ -82,7 +82,11 @@ class TrainConfig:
     aux_weight: float = flag(
         1.0, "weight of a training-only loss on the visual tokens (each token's shape and motion)"
     )
-    eval_every: int = flag(250, "steps between held-out checks")
+    drill_steps: int = flag(
+        800, "text-only MCQ letter-copy steps before the video steps (a curriculum; 0: none)"
+    )
+    drill_batch: int = flag(64, "MCQ items per drill step")
+    eval_every: int = flag(500, "steps between held-out checks")
     final_eval_clips: int = flag(300, "0 skips the final eval")
     final_eval_frames: tuple[int, ...] = flag(
         (8, 32), "frame counts the final evaluation feeds the model (8 is the pipeline's default)"
@@ -98,6 +102,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.clips_per_step < 1 or self.warmup < 0:
             raise ValueError("steps and clips_per_step must be >= 1, warmup >= 0")
+        if self.drill_steps < 0 or self.drill_batch < 1:
+            raise ValueError("drill_steps must be >= 0 and drill_batch >= 1")
         if not 0 <= self.seed < 10:
             raise ValueError(
                 "seed must be in 0..9 (training seeds are seed * 10**8 + i, below held-out seeds)"
@@ -146,6 +152,50 @@ def answer_labels(input_ids: torch.Tensor, tokenizer: object) -> torch.Tensor:
             elif i >= 2 and row[i - 2] == start and row[i - 1] == role:
                 labels[b, i], inside = token, token != end
     return labels
+
+
+DRILL_SEED_BASE = 10**7  # drill items come from clips seeded below this (no clip is rendered)
+DRILL_HELDOUT = 256  # held-out drill items, from clip seeds at and above DRILL_SEED_BASE
+
+
+def drill_batch(processor: object, rng: np.random.Generator, count: int, heldout: bool = False) -> dict:
+    """``count`` text-only MCQ items (one user turn without the video, then its reply, ``"purple D"``) with
+    the next-token loss on every token (``labels``), and each row's answer-letter position
+    (``letter_at``, for :func:`drill_accuracy`).
+
+    The copy an MCQ answer needs, the letter two tokens before the option that names the answer, is slow
+    to learn from the answers alone: the letter's only training signal is the answer itself, so the
+    heads that fetch a line's letter into its option text and the head that finds the option must
+    appear together. The loss on the prompt's own tokens trains the first on its own (after an option's
+    text comes the next letter, which a model can only predict by knowing the previous one). Measured
+    from scratch on the demo model's architecture (batch 64): 92% letter accuracy after 800 steps, 73%
+    with the loss on the answer letter alone (``MCQItem.reply``)."""
+    base = DRILL_SEED_BASE if heldout else 0
+    texts = []
+    for _ in range(count):
+        clip = world.make_clip(base + int(rng.integers(DRILL_SEED_BASE)))
+        items = world.mcq_items(clip)
+        item = items[int(rng.integers(len(items)))]
+        turns = [user_message(item.prompt, with_video=False), {"role": "assistant", "content": item.reply}]
+        texts.append(processor.apply_chat_template(turns, tokenize=False))
+    batch = dict(processor(text=texts, padding=True, return_tensors="pt"))
+    answers = answer_labels(batch["input_ids"], processor.tokenizer)
+    # the reply is "<option> <letter>" then <|im_end|>: the letter is the answer's second-to-last token
+    last = (answers != IGNORE).cumsum(dim=1).argmax(dim=1)
+    batch["letter_at"] = last - 1
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+    return batch
+
+
+@torch.no_grad()
+def drill_accuracy(model: torch.nn.Module, batch: dict, device: str) -> float:
+    """Teacher-forced accuracy of the answer letters of a :func:`drill_batch`."""
+    model.eval()
+    ids, at = batch["input_ids"].to(device), batch["letter_at"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    rows = torch.arange(len(at), device=device)
+    model.train()
+    return round((logits[rows, at - 1].argmax(-1) == ids[rows, at]).float().mean().item(), 3)
 
 
 def chroma_subsample(frames: np.ndarray) -> np.ndarray:
@@ -389,6 +439,9 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
     attributes = attribute_ids(processor.tokenizer)
     records, smoothed = [], None
     model.train()
+    if cfg.drill_steps:
+        records.append(drill(cfg, model, optimizer, processor))
+        log.info("%s", json.dumps(records[-1]))
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5, file=sys.stderr)
     # builds step k + 1 while step k computes; log lines go through tqdm.write, beside the bar
     with ThreadPoolExecutor(max_workers=1) as prefetch, logging_redirect_tqdm():
@@ -409,6 +462,27 @@ def train(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> list[d
                 records.append(record)
                 log.info("%s", json.dumps(record))
     return records
+
+
+def drill(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, processor: object
+) -> dict:
+    """The curriculum's first phase: ``cfg.drill_steps`` text-only MCQ steps (:func:`drill_batch`) at
+    ``cfg.lr`` after a 100-step warm-up; returns its log record (held-out letter accuracy before and
+    after)."""
+    started = time.time()
+    held = drill_batch(processor, np.random.default_rng([cfg.seed, 1]), DRILL_HELDOUT, heldout=True)
+    before = drill_accuracy(model, held, cfg.device)
+    for step in tqdm(range(cfg.drill_steps), desc="drill", mininterval=5, file=sys.stderr):
+        batch = drill_batch(processor, np.random.default_rng([cfg.seed, 2, step]), cfg.drill_batch)
+        batch.pop("letter_at")
+        loss = optimizer_step(model, optimizer, batch, cfg.lr * min(1.0, (step + 1) / 100), cfg.device)
+    return {
+        "drill_steps": cfg.drill_steps,
+        "drill_loss": round(loss, 4),
+        "drill_letter_accuracy": {"before": before, "after": drill_accuracy(model, held, cfg.device)},
+        "drill_seconds": round(time.time() - started, 1),
+    }
 
 
 def final_eval(cfg: TrainConfig, model: torch.nn.Module, processor: object) -> dict[str, dict[str, float]]:

@@ -239,7 +239,7 @@ def test_mcq_reply_names_the_option_then_its_letter_and_parses_to_the_letter() -
     for seed in range(30):
         for item in world.mcq_items(world.make_clip(seed)):
             word, letter = item.reply.rsplit(" ", 1)
-            assert letter == f"({item.answer})" and word == item.options["ABCD".index(item.answer)]
+            assert letter == item.answer and word == item.options["ABCD".index(item.answer)]
             assert parse_mcq_answer(item.reply, len(item.options)) == item.answer
             letters.add(item.answer)
     assert letters == set("ABCD")  # the answers vary
