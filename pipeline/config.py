@@ -238,7 +238,7 @@ class PipelineConfig:
         500_000,
         (
             "Videos per Ray Dataset: a larger run executes one per segment, one after the other, so the "
-            "driver's memory for Ray Data's per-block records (~7 KB a block) is freed as each ends. Each "
+            "driver's memory for Ray Data's per-block records (~2.2 KB per block of each stage) is freed as each ends. Each "
             "segment starts its own model actors (the model loads again) and drains before the next: on "
             "a cluster where a segment takes minutes, raise it."
         ),
