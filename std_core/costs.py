@@ -86,8 +86,8 @@ class RoundCostModel(Protocol):
 
 class Running:
     """A measured quantity: the median (or mean) of its last ``_WINDOW`` observations (None before the
-    first). Costs take the median (one slow round moves nothing); progress the mean (a round cut short
-    by a rejection is what long rounds cost)."""
+    first). Costs take the median (one slow round moves nothing); a round's worth the mean (a round
+    cut short by a rejection, or by the end of the call, is what long rounds cost)."""
 
     def __init__(self, mean: bool = False) -> None:
         self.values: deque[float] = deque(maxlen=_WINDOW)
@@ -101,24 +101,32 @@ class Running:
 
 @dataclass
 class RoundCosts:
-    """Seconds of a round of each γ: ``γ · draft + verify(γ + 1) + bookkeeping``, or ``dense +
-    bookkeeping`` for γ = 0, from the calibration and what the rounds themselves measure
-    (:meth:`observe`), and the tokens a round of each γ is worth to the rows a batch waits for.
+    """Seconds of a round of each γ, and the tokens it is worth to the batch, from the calibration and
+    what the rounds themselves measure (:meth:`observe`).
 
-    A shared machine's speed drifts (on the development CPU by up to 2× between calls), so costs that
-    different rounds measured are never compared directly. Every round's verify (a dense round's is
-    its dense step), against the calibrated verify of its size, gives the machine's speed at that
-    round (``speed``); the draft step and the bookkeeping are kept in calibrated units (measured ÷
-    that round's speed), and the dense step and the verify sizes are the calibration's, one snapshot
-    of interleaved forwards. So a draft measured in a slow minute and a dense step measured in a fast
-    one cannot tip the choice; what the rounds correct is the calibration's draft step (its ratio to
-    the verify it ran with) and the bookkeeping.
+    Seconds. A dense round costs what the dense rounds measured (the median of the last ones, wall
+    time); before the first, ``dense + bookkeeping`` of the calibration. A drafted round of γ costs
+    ``γ · draft + verify(γ + 1) + bookkeeping``: a shared machine's speed drifts (on the development
+    CPU by up to 2× between calls), so every round's verify (a dense round's is its dense step),
+    against the calibrated verify of its size, gives the machine's speed at that round (``speed``);
+    the draft step and the bookkeeping are kept in calibrated units (measured ÷ that round's speed),
+    so a draft measured in a slow minute cannot tip the choice. The verify sizes stay the
+    calibration's, scaled by the speed: for the γ that runs, that is its own measured verify. The dense
+    step is *not* scaled by that speed: it is measured by dense rounds. Otherwise a calibrated
+    verify/dense ratio that is off (on the development CPU a verify of 2 tokens measured 1.13 dense
+    steps in the calibration and 1.27 in the rounds) would make the dense rounds look as much dearer
+    as the drafted ones are, and never be corrected.
 
-    Progress is measured too: the tokens the rows that were furthest behind committed in each round
-    of a γ (``progress``). A batch decodes until its slowest row is done, so for a γ that has run
-    this, not the i.i.d. model's mean over rows, is what a round of it is worth (on the demo model's
-    short captions, batch 8, the two differ by half); a γ that has not run is worth
-    :func:`expected_tokens` at the estimated α.
+    Tokens. A batch decodes until its slowest row is done, and its last round commits only what is
+    left: on the demo model's captions (7 or 14 tokens, batch 8) rounds of 4 drafts at an acceptance
+    of 0.97 moved the batch 3.25 tokens each (13 steps in 4 rounds), not the 4.7 that
+    :func:`expected_tokens` gives. So a round is
+    worth its measured *advance* (:attr:`std_core.rows.Rows.advance`: how far it moved the slowest live
+    row; over a call the advances sum to the decode steps), kept per γ as its ratio to
+    :func:`expected_tokens` at the acceptance of the time (``efficiency``), which follows α as batches
+    change. A γ that has not run takes the ratio interpolated from the γ that have (the nearest, past
+    the measured ones), so one long round measured to be worth little makes its neighbours look as
+    little worth.
 
     Shared by the calls on one model and shape bucket, like the probe interval: a workload whose probes
     keep failing probes ever more rarely, across calls, not only within one."""
@@ -128,17 +136,19 @@ class RoundCosts:
     speed: Running = field(default_factory=Running)  # measured / calibrated verify
     draft: Running = field(default_factory=Running)  # a draft step, calibrated units
     bookkeeping: dict[bool, Running] = field(default_factory=lambda: {False: Running(), True: Running()})
-    progress: dict[int, Running] = field(default_factory=dict)  # γ -> tokens of the rows behind
-    dense_rounds: int = 0  # dense rounds observed
+    dense: Running = field(default_factory=Running)  # a dense round's wall seconds
+    efficiency: dict[int, Running] = field(default_factory=dict)  # γ -> advance / expected tokens
     since_probe: int = 0  # dense rounds (that could have drafted) since the last probe
 
     @property
     def measured_dense(self) -> bool:
         """A dense round has been measured (auto runs one first in a new bucket)."""
-        return self.dense_rounds > 0
+        return self.dense.value is not None
 
     def round_seconds(self, gamma: int) -> float:
         cal = self.calibrated
+        if gamma == 0 and self.dense.value is not None:
+            return self.dense.value
         book = self.bookkeeping[gamma > 0].value  # a drafted round's, until measured: a dense round's
         book = book if book is not None else (self.bookkeeping[False].value or 0.0)
         if gamma == 0:
@@ -149,10 +159,32 @@ class RoundCosts:
         return (self.speed.value or 1.0) * (steps + book)
 
     def tokens(self, gamma: int, alpha: float) -> float:
-        """Tokens a round of γ drafts is worth: measured for the rows behind, else modelled at α."""
-        if gamma and gamma in self.progress:
-            return self.progress[gamma].value
-        return expected_tokens(alpha, gamma)
+        """Tokens a round of γ drafts is worth to the batch: :func:`expected_tokens` at α times the
+        measured efficiency of γ (interpolated where γ has not run; 1 before any drafted round)."""
+        return expected_tokens(alpha, gamma) * (self.efficiency_of(gamma) if gamma else 1.0)
+
+    def efficiency_of(self, gamma: int) -> float:
+        """Measured advance ÷ expected tokens of rounds of γ; where γ has not run, linear between the
+        nearest measured γ below and above it, else the nearest; 1.0 when none has run."""
+        if gamma in self.efficiency:
+            return self.efficiency[gamma].value
+        below = max((g for g in self.efficiency if g < gamma), default=None)
+        above = min((g for g in self.efficiency if g > gamma), default=None)
+        if below is None and above is None:
+            return 1.0
+        if below is None or above is None:
+            return self.efficiency[above if below is None else below].value
+        lo, hi = self.efficiency[below].value, self.efficiency[above].value
+        return lo + (hi - lo) * (gamma - below) / (above - below)
+
+    def reach(self, gamma_max: int) -> int:
+        """The longest round worth choosing now: the calibration's whole range until a drafted round
+        has run, then at most one more than twice the longest that has. A γ far past the measured ones
+        takes their efficiency, which a short call's last round (cut to what is left) makes too
+        optimistic: rounds grow by steps that each get measured, not in one jump from a probe to γ max."""
+        if not self.efficiency:
+            return gamma_max
+        return min(gamma_max, 2 * max(self.efficiency) + 1)
 
     def observe(
         self,
@@ -160,17 +192,19 @@ class RoundCosts:
         seconds: float,
         draft_seconds: float,
         verify_seconds: float,
-        progress: float | None = None,
+        advance: float | None = None,
+        alpha: float | None = None,
     ) -> None:
-        """One round of γ drafts: its wall seconds, the seconds of its draft and verify phases, and the
-        tokens the rows furthest behind committed (None: not known)."""
-        if gamma and progress is not None:
-            self.progress.setdefault(gamma, Running(mean=True)).add(progress)
+        """One round of γ drafts: its wall seconds, the seconds of its draft and verify phases, and
+        how far it moved the batch (None: not known) at the acceptance α of the time."""
+        if gamma and advance is not None and alpha is not None:
+            ratio = advance / expected_tokens(alpha, gamma)
+            self.efficiency.setdefault(gamma, Running(mean=True)).add(ratio)
         reference = self.calibrated.dense_step if gamma == 0 else self.calibrated.verify(gamma + 1)
         speed = max(verify_seconds, 1e-9) / reference
         self.speed.add(speed)
         if gamma == 0:
-            self.dense_rounds += 1
+            self.dense.add(seconds)
         else:
             self.draft.add(draft_seconds / gamma / speed)
         self.bookkeeping[gamma > 0].add(max(0.0, seconds - draft_seconds - verify_seconds) / speed)

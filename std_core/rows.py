@@ -39,6 +39,7 @@ class Rows:
         self.cached = torch.zeros(batch, dtype=torch.long, device=device)  # tokens in the caches
         self.none_accepted = torch.zeros(batch, dtype=torch.long, device=device)  # a dense round's
         self._offsets = torch.arange(width, device=device)
+        self.advance = 0  # how far the last commit moved the batch (see :meth:`commit`)
 
     def lengths(self) -> list[int]:
         """Committed ids per row, prompt included."""
@@ -65,10 +66,15 @@ class Rows:
         where the row stops) and count them as a round of ``gamma`` drafts (None: the prefill's
         token). Returns the tentative cache slots each row keeps (``accepted + 1``; 0 once it stops)
         as ``[B]`` on the device and as a host list, the live rows' round counts, and those of the
-        rows that were furthest behind (fewest tokens before this round: the rows a batch waits for)."""
+        rows that were furthest behind (fewest tokens before this round: the rows a batch waits for).
+
+        Sets ``advance``: how far the round moved the batch, i.e. the fewest tokens of a row still
+        live after it (the largest of the rows it ended, when it ended every row) minus the fewest of
+        a row live before it. Over a call the advances sum to the longest output minus its first
+        token: the decode steps a batch takes, which is what a round of some γ is worth."""
         count, ends, keep = self._commit_on_device(new, accepted)
         host = torch.stack([accepted, count, ends.long()], dim=1).tolist()  # the round's one host sync
-        keep_host, outcomes, behind = [0] * len(host), [], []
+        keep_host, outcomes, behind, reached = [0] * len(host), [], [], 0
         last = min((g for g, f in zip(self.generated, self.finished, strict=True) if not f), default=0)
         for b, (a, n, end) in enumerate(host):
             if self.finished[b]:
@@ -85,6 +91,9 @@ class Rows:
             self.stats[b] += outcomes[-1]
             if lagging:
                 behind.append(outcomes[-1])
+            reached = max(reached, self.generated[b])
+        live = [g for g, f in zip(self.generated, self.finished, strict=True) if not f]
+        self.advance = (min(live) if live else reached) - last
         return keep, keep_host, outcomes, behind
 
     def _commit_on_device(

@@ -28,6 +28,11 @@ def _phases(costs: StepCosts, gamma: int, scale: float = 1.0) -> dict[str, float
     return {"seconds": draft + verify, "draft_seconds": draft, "verify_seconds": verify}
 
 
+def _advance(outcomes: list[RowStats]) -> int | None:
+    """How far a round moved a batch of these rows' counts (one row: its committed tokens)."""
+    return min(o.generated for o in outcomes) if outcomes else None
+
+
 def test_expected_tokens() -> None:
     assert expected_tokens(0.0, 9) == 1.0
     assert expected_tokens(1.0, 9) == 10.0
@@ -72,9 +77,12 @@ def test_policy_probes_when_it_fell_back_to_dense() -> None:
     choices = [policy.choose() for _ in range(40)]
     assert choices.count(0) >= 36 and max(choices) > 0  # mostly dense, with short probes
     accepted_all = [RowStats(3, 1, 2, 2, 0), RowStats(3, 1, 2, 2, 0)]
-    for _ in range(20):
-        policy.record(accepted_all, gamma=2, **_phases(costs, 2))  # probes fully accepted
-    assert policy.choose() >= 6
+    for _ in range(20):  # probes fully accepted
+        policy.record(accepted_all, gamma=2, **_phases(costs, 2), advance=_advance(accepted_all))
+    assert policy.choose() == 5  # longer rounds, at most one more than twice the longest measured
+    accepted_5 = [RowStats(6, 1, 5, 5, 0)]
+    policy.record(accepted_5, gamma=5, **_phases(costs, 5), advance=_advance(accepted_5))
+    assert policy.choose() >= 6  # and longer again once those are measured to pay
 
 
 def test_rejected_probes_back_off() -> None:
@@ -87,7 +95,7 @@ def test_rejected_probes_back_off() -> None:
         if policy.choose() > 0:
             gaps.append(i - last)
             last = i
-            policy.record(rejected, gamma=2, **_phases(costs, 2))
+            policy.record(rejected, gamma=2, **_phases(costs, 2), advance=_advance(rejected))
         else:
             policy.record([], gamma=0, seconds=1.0)
     assert gaps[-1] > gaps[0] >= 8  # probes get rarer while they keep failing
@@ -110,7 +118,9 @@ def test_probe_backoff_carries_over_to_the_next_call_on_the_same_costs() -> None
                 counted += 1
                 if gamma:
                     found.append(counted)
-                policy.record(outcome if gamma else [], gamma=gamma, **_phases(costs, gamma))
+                policy.record(
+                    outcome if gamma else [], gamma=gamma, **_phases(costs, gamma), advance=_advance(outcome)
+                )
         return found
 
     failing = probe_rounds(calls=16, rounds=16, accepted=False)  # calls as short as the first interval
@@ -129,7 +139,7 @@ def test_a_probe_with_a_lucky_acceptance_still_backs_off() -> None:
     lucky = [RowStats(2, 1, 2, 1, 1)] + [RowStats(1, 1, 2, 0, 1)] * 7
     for _ in range(200):
         gamma = policy.choose()
-        policy.record(lucky if gamma else [], gamma=gamma, **_phases(costs, gamma))
+        policy.record(lucky if gamma else [], gamma=gamma, **_phases(costs, gamma), advance=_advance(lucky))
     assert shared.probe_every > 16 and policy.estimate.alpha < 0.2
 
 
@@ -153,6 +163,37 @@ def test_unmeasured_rounds_scale_with_the_measured_ones() -> None:
     assert costs.round_seconds(3) == pytest.approx(2 * (3 * 0.1 + 1.0))
 
 
+def test_dense_rounds_cost_what_they_measured_not_the_verify_scaled_calibration() -> None:
+    """A calibration whose verify of 2 tokens is 15% under what the rounds measure (on the development
+    CPU 1.13 against 1.27 dense steps) must not make the dense rounds look 15% dearer once γ = 1 runs:
+    the dense step is what dense rounds measured."""
+    calibrated = StepCosts.from_verifies(1.0, 0.3, [(1, 1.0), (2, 1.1), (10, 2.0)])
+    costs = RoundCosts(calibrated)
+    costs.observe(0, seconds=1.0, draft_seconds=0.0, verify_seconds=1.0)
+    for _ in range(9):
+        costs.observe(1, seconds=1.65, draft_seconds=0.35, verify_seconds=1.265, advance=2, alpha=1.0)
+    assert costs.round_seconds(0) == pytest.approx(1.0)
+    assert costs.round_seconds(1) == pytest.approx(1.65)  # its own measured round, as it ran
+    assert costs.tokens(1, 1.0) / costs.round_seconds(1) > 1 / costs.round_seconds(0)  # 2/1.65 vs 1
+
+
+def test_a_round_is_worth_how_far_it_moved_the_batch() -> None:
+    """Each γ's measured advance, as a share of the expected tokens at the α of the time, scales what a
+    round of it is worth at any later α; a γ that has not run takes the share interpolated between its
+    measured neighbours (the nearest past the ends), and 1 before any has run."""
+    costs = RoundCosts(CPU_LIKE)
+    assert costs.tokens(4, 0.9) == pytest.approx(expected_tokens(0.9, 4))
+    for _ in range(3):  # moved the batch half of what the i.i.d. model expects
+        costs.observe(2, **_phases(CPU_LIKE, 2), advance=expected_tokens(1.0, 2) / 2, alpha=1.0)
+        costs.observe(6, **_phases(CPU_LIKE, 6), advance=expected_tokens(1.0, 6) / 4, alpha=1.0)
+    assert costs.tokens(2, 0.8) == pytest.approx(expected_tokens(0.8, 2) / 2)
+    assert costs.tokens(6, 1.0) == pytest.approx(7 / 4)
+    assert costs.efficiency_of(4) == pytest.approx((1 / 2 + 1 / 4) / 2)  # between 2 and 6
+    assert costs.efficiency_of(1) == pytest.approx(1 / 2) and costs.efficiency_of(9) == pytest.approx(1 / 4)
+    assert costs.tokens(0, 0.8) == 1.0
+    assert costs.reach(9) == 9 and costs.reach(20) == 13  # at most 2 × 6 + 1 once 6 has run
+
+
 def test_fixed_schedule_keeps_gamma_within_the_limit() -> None:
     schedule = FixedSchedule(9)
     assert [schedule.next_gamma(limit) for limit in (20, 9, 3, 0)] == [9, 9, 3, 0]
@@ -174,7 +215,7 @@ def test_auto_schedule_calibrates_once_per_model_and_carries_alpha_over() -> Non
     assert first.next_gamma(9) == 0  # the first round measures dense
     first.record(0, [], 0.0, 1.0)
     for _ in range(20):
-        first.record(2, [RowStats(3, 1, 2, 2, 0, committed=3)], 0.16, 1.12)  # fully accepted rounds
+        first.record(2, [RowStats(3, 1, 2, 2, 0, committed=3)], 0.16, 1.12, 3)  # fully accepted rounds
     first.finish()
     second = AutoSchedule.for_model(model, 9, (2, 64, 16), calibrate)
     assert len(calls) == 1 and second.policy.costs is first.policy.costs
@@ -244,7 +285,9 @@ def test_near_equal_choices_do_not_alternate() -> None:
         choices.append(gamma)
         jitter = 1.0 + (0.02 if i % 2 else -0.02)
         outcome = [RowStats(2, 1, 1, 1, 0)] if i % 2 else [RowStats(1, 1, 1, 0, 1)]  # α stays 0.5
-        policy.record(outcome if gamma else [], gamma=gamma, **_phases(costs, gamma, jitter))
+        policy.record(
+            outcome if gamma else [], gamma=gamma, **_phases(costs, gamma, jitter), advance=_advance(outcome)
+        )
     switches = sum(a != b for a, b in zip(choices, choices[1:], strict=False))
     assert switches <= 4, choices
 
@@ -261,15 +304,15 @@ def test_a_fully_accepted_probe_switches_to_drafting() -> None:
         gamma = policy.choose()
         gammas.append(gamma)
         accepted = [RowStats(gamma + 1, 1, gamma, gamma, 0, committed=gamma + 1)] if gamma else []
-        policy.record(accepted, gamma=gamma, **_phases(costs, gamma))
+        policy.record(accepted, gamma=gamma, **_phases(costs, gamma), advance=_advance(accepted))
     first = next(i for i, g in enumerate(gammas) if g)
     assert first == 16 and gammas[first] == 2 and all(gammas[first + 1 : first + 40]), gammas[:60]
     assert all(g >= 5 for g in gammas[-50:]), gammas[-50:]  # then it drafts every round
 
 
 def test_the_rows_a_batch_waits_for_decide_what_a_round_is_worth() -> None:
-    """The pooled acceptance says long rounds win; but the rows furthest behind commit 2 tokens a round
-    of 6 drafts (the batch waits for them): auto must stop drafting long rounds it measured to be worth
+    """The pooled acceptance says long rounds win; but the batch's slowest row moves 2 tokens a round
+    of 6 drafts (the batch waits for it): auto must stop drafting long rounds it measured to be worth
     little, whatever α says."""
     policy = AutoPolicy(RoundCosts(CPU_LIKE), gamma_max=9, prior_alpha=0.95)
     policy.record([], gamma=0, **_phases(CPU_LIKE, 0))
@@ -277,7 +320,7 @@ def test_the_rows_a_batch_waits_for_decide_what_a_round_is_worth() -> None:
     assert first >= 3
     behind = [RowStats(2, 1, first, 1, 1, committed=2)]  # the lagging row: one draft, then a rejection
     for _ in range(3):
-        policy.record(behind, gamma=first, **_phases(CPU_LIKE, first))
+        policy.record(behind, gamma=first, **_phases(CPU_LIKE, first), advance=_advance(behind))
         policy.estimate.update(10 * first, 0)  # the other rows keep the pooled estimate high
     assert policy.choose() != first
 
@@ -295,7 +338,7 @@ def test_costs_measured_under_a_burst_of_load_are_measured_again() -> None:
         measured = burst if not any(gammas) else costs  # only the first drafted round is in the burst
         gammas.append(gamma)
         outcome = [RowStats(gamma + 1, 1, gamma, gamma, 0)] if gamma else []  # every draft accepted
-        policy.record(outcome, gamma=gamma, **_phases(measured, gamma))
+        policy.record(outcome, gamma=gamma, **_phases(measured, gamma), advance=_advance(outcome))
     drafted = [i for i, g in enumerate(gammas) if g]
     assert gammas[1] == 9 and gammas[2:40] == [0] * 38, gammas[:40]  # the burst made drafting look hopeless
     probes = [i for i in drafted if gammas[i] == 2]

@@ -143,6 +143,30 @@ def test_rows_stop_at_eos_at_different_times(arch: str) -> None:
     assert [row.generated for row in result.stats.rows] == lengths
 
 
+@pytest.mark.parametrize("mode", ["std", "auto"])
+def test_round_advances_sum_to_the_decode_steps(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What auto values a round by: how far it moved the batch's slowest live row. In a batch whose
+    rows stop at different times the advances of a call sum to its longest output minus the first
+    token (the prefill's), whatever each round drafted."""
+    from std_core import auto
+
+    advances: list[int] = []
+    for schedule in (auto.FixedSchedule, auto.AutoSchedule):
+        real = schedule.record
+
+        def record(self, gamma, outcomes, draft, verify, advance=None, _real=real) -> None:  # noqa: ANN001
+            advances.append(advance)
+            _real(self, gamma, outcomes, draft, verify, advance)
+
+        monkeypatch.setattr(schedule, "record", record)
+    c = case("qwen2_vl")
+    result = c.decode(StdConfig(mode=mode, gamma=4, sparse_budget=40))
+    tm.assert_same(result.sequences, c.reference)
+    generated = [row.generated for row in result.stats.rows]
+    assert len(set(generated)) > 1 and len(advances) == result.stats.batch_rounds
+    assert all(a >= 1 for a in advances) and sum(advances) == max(generated) - 1
+
+
 def test_a_deliberately_bad_draft_still_gives_the_dense_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace every draft with a random token: verification must reject them and keep the output."""
     c = case("qwen2_vl")
