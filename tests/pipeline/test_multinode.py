@@ -90,8 +90,9 @@ def _remove_a_node_with_an_actor(cluster, workers: list, marks: Path, log: Path,
     )
 
 
-def scenario(clips: str, out: str, marks: str, removal_log: str) -> None:
-    """The subprocess: start the cluster, run the pipeline while a node is removed, print the summary."""
+def scenario(clips: str, out: str, marks: str, removal_log: str, summary_file: str) -> None:
+    """The subprocess: start the cluster, run the pipeline while a node is removed, write the summary
+    to ``summary_file`` (not stdout, where Ray's log monitor may print its own lines after it)."""
     import ray
     from ray import cloudpickle
     from ray.cluster_utils import Cluster
@@ -115,7 +116,7 @@ def scenario(clips: str, out: str, marks: str, removal_log: str) -> None:
                             rows_per_file=4, max_decode_mib=64, dense_sample=0)  # fmt: skip
     summary = run_pipeline(config, annotator_cls=NodeMarkingAnnotator)
     remover.join()
-    print(json.dumps(summary, default=str), flush=True)
+    Path(summary_file).write_text(json.dumps(summary, default=str))
     ray.shutdown()
     cluster.shutdown()
 
@@ -145,20 +146,22 @@ def test_a_run_that_loses_an_actors_node_finishes_with_every_row_once(
     good = ["red-left.mp4", "green-right.mp4", "blue-up.mp4"]
     for i in range(NUM_VIDEOS):
         (clips / f"v{i:02d}.mp4").write_bytes(clip_bytes[good[i % len(good)]])
-    removal = tmp_path / "removed.json"
+    removal, summary_file = tmp_path / "removed.json", tmp_path / "summary.json"
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "STD_ANNOTATE_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     code = "import sys; from tests.pipeline.test_multinode import scenario; scenario(*sys.argv[1:])"
     start = time.monotonic()
     done = _run_with_deadline(
-        [sys.executable, "-c", code, str(clips), str(out), str(marks), str(removal)], env, DEADLINE_S
+        [sys.executable, "-c", code, str(clips), str(out), str(marks), str(removal), str(summary_file)],
+        env,
+        DEADLINE_S,
     )
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-6000:]
     removed = json.loads(removal.read_text())
     assert removed["nodes"] == 3  # pipeline.checks.cluster_nodes on a real cluster (one address, 3 nodes)
     assert removed["actors"] >= 1 and removed["batches_done"] < NUM_VIDEOS // 2  # removed mid-run
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(summary_file.read_text())
     ids = pq.read_table(out)["id"].to_pylist()
     assert sorted(ids) == sorted(f"v{i:02d}:caption" for i in range(NUM_VIDEOS))  # every row, once
     statuses = set(pq.read_table(out)["status"].to_pylist())
