@@ -120,11 +120,10 @@ class RoundCosts:
     Tokens. A batch decodes until its slowest row is done, and its last round commits only what is
     left: on the demo model's captions (7 or 14 tokens, batch 8) rounds of 4 drafts at an acceptance
     of 0.97 moved the batch 3.25 tokens each (13 steps in 4 rounds), not the 4.7 that
-    :func:`expected_tokens` gives. So a round is
-    worth its measured *advance* (:attr:`std_core.rows.Rows.advance`: how far it moved the slowest live
-    row; over a call the advances sum to the decode steps), kept per γ as its ratio to
-    :func:`expected_tokens` at the acceptance of the time (``efficiency``), which follows α as batches
-    change. A γ that has not run takes the ratio interpolated from the γ that have (the nearest, past
+    :func:`expected_tokens` gives. So a round is worth its measured *advance*
+    (:attr:`std_core.rows.Rows.advance`: how far it moved the slowest live row; over a call the
+    advances sum to the decode steps), kept per γ as its ratio to :func:`expected_tokens` at the
+    acceptance of the time (``efficiency``), which follows α as batches change. A γ that has not run takes the ratio interpolated from the γ that have (the nearest, past
     the measured ones), so one long round measured to be worth little makes its neighbours look as
     little worth.
 
