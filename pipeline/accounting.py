@@ -19,7 +19,11 @@ always agrees with the Parquet files:
 - ``gpu_seconds_per_video`` = GPUs held (actors × GPUs per actor) × wall seconds / videos: what the run
   cost. It counts the pool at its largest (``--num-actors``) for the whole wall time, so it is an upper
   bound where the elastic pool shrank (an idle actor is released when decoding cannot keep up).
-  ``decode_seconds_per_video`` is the part of it spent generating (the lower bound).
+  ``held_gpu_seconds_per_video`` counts what the actors really held: each actor from its start (model
+  load included) to its last result batch (``actor_seconds``, summed over every actor the run started,
+  restarted ones included), times GPUs per actor, over videos; it leaves out an actor's idle tail after
+  its last batch and an actor that died before returning one. ``decode_seconds_per_video`` is the
+  part spent generating (the lower bound).
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ class RunAccounting:
     last_batch_at: float | None = None
     first_batch_videos: int = 0
     videos: int = 0
+    actor_ages: dict[str, float] = field(default_factory=dict)  # actor id -> its age at its latest batch
+
+    def add_actor_age(self, actors: pa.Array | pa.ChunkedArray, ages: pa.Array | pa.ChunkedArray) -> None:
+        """Note each actor's age (seconds since it started) at the result batch these rows came in."""
+        for actor, age in zip(actors.to_pylist(), ages.to_pylist(), strict=True):
+            if age > self.actor_ages.get(actor, -1.0):
+                self.actor_ages[actor] = age
 
     def add(self, table: pa.Table) -> None:
         """Count one result batch (the rows one actor call returned)."""
@@ -134,10 +145,12 @@ class RunAccounting:
         span = self.last_batch_at - self.first_batch_at
         return (count - first_count) / span if span > 0 and count > first_count else None
 
-    def summary(self, gpus_held: float) -> dict:
-        """The run's numbers (add run metadata before writing it)."""
+    def summary(self, gpus_held: float, gpus_per_actor: float = 0.0) -> dict:
+        """The run's numbers (add run metadata before writing it): ``gpus_held`` is the pool at its
+        largest times ``gpus_per_actor``."""
         wall = time.perf_counter() - self.started
         counts = self.counts
+        actor_seconds = sum(self.actor_ages.values())
         return {
             "videos": self.videos,
             "rows": self.rows,
@@ -156,6 +169,11 @@ class RunAccounting:
             "decode_seconds": round(self.decode_seconds, 4),
             "decode_seconds_per_video": _ratio(self.decode_seconds, self.videos),
             "gpu_seconds_per_video": _ratio(gpus_held * wall, self.videos) if gpus_held else None,
+            "actors_seen": len(self.actor_ages),  # the actors that returned a batch
+            "actor_seconds": round(actor_seconds, 3),
+            "held_gpu_seconds_per_video": _ratio(gpus_per_actor * actor_seconds, self.videos)
+            if gpus_per_actor
+            else None,
             "acceptance_rate": _rounded(acceptance_rate(counts.accepted, counts.drafted)),
             "mean_accepted_per_round": _rounded(mean_accepted_per_round(counts.committed, counts.rounds)),
             "dense_sample_rows": self.sampled_rows,

@@ -24,6 +24,8 @@ stage (:class:`Annotate`) tags every result row with it, the driver keeps one bi
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +40,9 @@ from pipeline.sources import ITEM_SCHEMA, items_from_json, items_from_table, vid
 PACK_CODEC = "zstd"  # ~10x on synthetic manifests (ids and URIs repeat their prefixes); 10 ms a chunk to read
 MAX_READ_TASKS = 10_000  # read tasks of a run; one video per decode task up to this many (task_sizes)
 ORDINAL = "_ordinal"  # the annotate stage's extra column: each result row's item ordinal (Annotate)
+ACTOR = "_actor"  # ... the id of the actor that made the row (Annotate)
+ACTOR_SECONDS = "_actor_seconds"  # ... and how long that actor had lived when it returned the row's batch
+STAGE_COLUMNS = (ORDINAL, ACTOR, ACTOR_SECONDS)  # what the driver reads and drops before writing
 PIECE_ITEMS = 8_192  # items per stored chunk (cut at video boundaries): what a read task unpacks per chunk
 
 
@@ -228,17 +233,24 @@ def read_video_rows(
 class Annotate:
     """The annotate stage (a Ray actor): ``annotator_cls(settings)`` on each batch of video rows, its
     result rows (one per item, by id) tagged with their item's ordinal in :data:`ORDINAL`, which the
-    driver reads into :class:`ReceivedItems` and drops before writing. An annotator's contract stays
-    "one row per item, with the item's id"."""
+    driver reads into :class:`ReceivedItems`, and with this actor's id and age (:data:`ACTOR`,
+    :data:`ACTOR_SECONDS`: seconds since it started, model load included), from which the driver counts
+    the accelerator time the actors really held. The driver drops them before writing. An annotator's
+    contract stays "one row per item, with the item's id"."""
 
     def __init__(self, annotator_cls: type, settings: object) -> None:
+        self.started = time.monotonic()  # the actor holds its GPU from here, while the model loads too
+        self.actor_id = uuid.uuid4().hex[:16]
         self.annotator = annotator_cls(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         table = self.annotator(batch)
         ordinals = {item.id: item.ordinal for text in batch["items"] for item in items_from_json(str(text))}
         ids = table.column("id").to_pylist()
-        return table.append_column(ORDINAL, pa.array([ordinals[i] for i in ids], pa.int64()))
+        table = table.append_column(ORDINAL, pa.array([ordinals[i] for i in ids], pa.int64()))
+        age = time.monotonic() - self.started
+        table = table.append_column(ACTOR, pa.array([self.actor_id] * len(ids), pa.string()))
+        return table.append_column(ACTOR_SECONDS, pa.array([age] * len(ids), pa.float64()))
 
 
 class ReceivedItems:

@@ -45,7 +45,10 @@ from pipeline.frames import FrameSampling, decode_frames
 from pipeline.lease import OutputLease
 from pipeline.models import cache_dir, check_model, model_label, pixel_limit
 from pipeline.pending import (
+    ACTOR,
+    ACTOR_SECONDS,
     ORDINAL,
+    STAGE_COLUMNS,
     Annotate,
     CountingPending,
     InDriverPending,
@@ -393,7 +396,7 @@ def _run(
         "files": len(outcome.files),
         "num_actors": config.num_actors,
         "num_gpus_per_actor": num_gpus,
-        **accounting.summary(gpus_held=config.num_actors * num_gpus),
+        **accounting.summary(gpus_held=config.num_actors * num_gpus, gpus_per_actor=num_gpus),
     }
     summary["status"] = outcome.status(summary["rows"] == summary["rows_expected"])
     if summary["rows_budget_covers_prompt"]:
@@ -495,7 +498,8 @@ def _stream(
                         raise PipelineError(f"another run took over the lease of {config.output}")
                     with guard.critical():  # written and counted together: the summary agrees with the files
                         ordinals = block.column(ORDINAL)
-                        block = block.drop_columns([ORDINAL])
+                        accounting.add_actor_age(block.column(ACTOR), block.column(ACTOR_SECONDS))
+                        block = block.drop_columns(list(STAGE_COLUMNS))
                         sink.write(block)
                         accounting.add(block)
                         received.add(ordinals)

@@ -94,6 +94,11 @@ def test_caption_rows_statuses_schema_and_summary(caption_run: dict, bucket: str
     assert summary["frames"] == 3 * 8 + 3 and summary["status"] == "ok" and summary["files"] == 3
     assert summary["generated_tokens"] == sum(r["generated_tokens"] or 0 for r in rows.values())
     assert summary["num_gpus_per_actor"] == 1.0 and summary["gpu_seconds_per_video"] > 0
+    assert (
+        summary["actors_seen"] >= 1
+        and summary["actor_seconds"] <= summary["num_actors"] * summary["wall_seconds"]
+    )
+    assert 0 < summary["held_gpu_seconds_per_video"] <= summary["gpu_seconds_per_video"]
     assert summary["dense_sample_rows"] >= 1 and summary["dense_match_rate"] == 1.0 and summary["speedup"] > 0
     for key in ("videos_per_s", "generated_tokens_per_s", "acceptance_rate", "mean_accepted_per_round"):
         assert summary[key] is not None and summary[key] > 0, key

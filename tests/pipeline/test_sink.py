@@ -8,6 +8,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -111,6 +112,20 @@ def test_accounting_summary_from_rows() -> None:
     assert summary["videos_per_s"] == pytest.approx(3 / 6.0, rel=0.05)
     assert summary["items_per_s"] == pytest.approx(4 / 6.0, rel=0.05)  # 4 rows (items) of 3 videos
     assert "rows 4/4" in accounting.progress_line()
+
+
+def test_held_gpu_seconds_count_each_actor_to_its_last_batch() -> None:
+    """An actor's span is its age at its latest batch (batches may arrive out of order); the spans of
+    every actor the run saw are summed, a restarted actor's included."""
+    accounting = RunAccounting(expected_rows=3, started=time.perf_counter() - 100.0)
+    accounting.add(to_table([_row(0), _row(1), _row(2)]))
+    for actor, age in (("a", 10.0), ("b", 4.0), ("a", 30.0), ("a", 20.0), ("b-restarted", 2.5)):
+        accounting.add_actor_age(pa.array([actor, actor]), pa.array([age, age]))
+    summary = accounting.summary(gpus_held=4, gpus_per_actor=2)
+    assert summary["actors_seen"] == 3 and summary["actor_seconds"] == pytest.approx(36.5)
+    assert summary["held_gpu_seconds_per_video"] == pytest.approx(2 * 36.5 / 3, abs=1e-3)
+    assert summary["gpu_seconds_per_video"] == pytest.approx(4 * 100.0 / 3, rel=0.05)  # the upper bound
+    assert accounting.summary(gpus_held=0)["held_gpu_seconds_per_video"] is None  # no GPUs: no GPU time
 
 
 def test_progress_logs_rate_limited_lines_and_no_repeats(caplog: pytest.LogCaptureFixture) -> None:
