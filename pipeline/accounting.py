@@ -145,9 +145,10 @@ class RunAccounting:
         span = self.last_batch_at - self.first_batch_at
         return (count - first_count) / span if span > 0 and count > first_count else None
 
-    def summary(self, gpus_held: float, gpus_per_actor: float = 0.0) -> dict:
-        """The run's numbers (add run metadata before writing it): ``gpus_held`` is the pool at its
-        largest times ``gpus_per_actor``."""
+    def summary(self, gpus_per_actor: float, num_actors: int = 1) -> dict:
+        """The run's numbers (add run metadata before writing it); ``num_actors`` is the pool at its
+        largest."""
+        gpus_held = num_actors * gpus_per_actor
         wall = time.perf_counter() - self.started
         counts = self.counts
         actor_seconds = sum(self.actor_ages.values())

@@ -396,7 +396,7 @@ def _run(
         "files": len(outcome.files),
         "num_actors": config.num_actors,
         "num_gpus_per_actor": num_gpus,
-        **accounting.summary(gpus_held=config.num_actors * num_gpus, gpus_per_actor=num_gpus),
+        **accounting.summary(gpus_per_actor=num_gpus, num_actors=config.num_actors),
     }
     summary["status"] = outcome.status(summary["rows"] == summary["rows_expected"])
     if summary["rows_budget_covers_prompt"]:

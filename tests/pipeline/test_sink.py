@@ -101,7 +101,7 @@ def test_accounting_summary_from_rows() -> None:
         _row(1, **std, task="mcq", correct=True),
         _row(2, "error"),
     ]))  # fmt: skip
-    summary = accounting.summary(gpus_held=2)
+    summary = accounting.summary(gpus_per_actor=2)
     assert (summary["videos"], summary["rows"], summary["rows_ok"], summary["rows_error"]) == (3, 4, 3, 1)
     assert summary["frames"] == 24 and summary["generated_tokens"] == 30 and summary["visual_tokens"] == 300
     assert summary["acceptance_rate"] == pytest.approx(18 / 36)
@@ -121,11 +121,11 @@ def test_held_gpu_seconds_count_each_actor_to_its_last_batch() -> None:
     accounting.add(to_table([_row(0), _row(1), _row(2)]))
     for actor, age in (("a", 10.0), ("b", 4.0), ("a", 30.0), ("a", 20.0), ("b-restarted", 2.5)):
         accounting.add_actor_age(pa.array([actor, actor]), pa.array([age, age]))
-    summary = accounting.summary(gpus_held=4, gpus_per_actor=2)
+    summary = accounting.summary(gpus_per_actor=2, num_actors=2)
     assert summary["actors_seen"] == 3 and summary["actor_seconds"] == pytest.approx(36.5)
     assert summary["held_gpu_seconds_per_video"] == pytest.approx(2 * 36.5 / 3, abs=1e-3)
     assert summary["gpu_seconds_per_video"] == pytest.approx(4 * 100.0 / 3, rel=0.05)  # the upper bound
-    assert accounting.summary(gpus_held=0)["held_gpu_seconds_per_video"] is None  # no GPUs: no GPU time
+    assert accounting.summary(gpus_per_actor=0)["held_gpu_seconds_per_video"] is None  # no GPUs: no GPU time
 
 
 def test_progress_logs_rate_limited_lines_and_no_repeats(caplog: pytest.LogCaptureFixture) -> None:
@@ -156,7 +156,7 @@ def test_steady_rate_speedup_batches_budget_warning_and_eta() -> None:
     accounting.add(
         to_table([_row(2, **timed, dense_decode_seconds=8.0), _row(3, decode_seconds=1.0, prompt_tokens=900)])
     )
-    summary = accounting.summary(gpus_held=0)
+    summary = accounting.summary(gpus_per_actor=0)
     assert summary["startup_seconds"] == pytest.approx(26.0, abs=0.5)  # 30 s run, first batch after ~26 s
     assert summary["videos_per_s"] == pytest.approx(4 / 30, rel=0.05)  # wall clock, start-up included
     assert summary["steady_videos_per_s"] == pytest.approx(
