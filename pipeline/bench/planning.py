@@ -4,6 +4,8 @@
     python -m jobs.benchmark planning --items 1000000 --done 1.0              # a tick with nothing to do
     python -m jobs.benchmark planning --items 1000000 --limit -1 --run        # a simulated whole run
     python -m jobs.benchmark planning --items 10000000 --limit -1 --run --first-rows  # up to the first rows
+    python -m jobs.benchmark planning --items 10000000 --limit -1 --run --batch-size 256 \
+        --segment-videos 2500000                                             # a whole 10M run, ~47 min
 
 Each case writes a synthetic JSON Lines manifest of ``items`` videos (and, with ``--done``, an output in
 which that fraction of them already has an ok row), then runs the driver in a fresh process and reads
@@ -43,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import AnnotatorSettings, flag
+from pipeline.config import AnnotatorSettings, PipelineConfig, flag
 from pipeline.schema import STATUS_OK, to_table
 from pipeline.sources import items_from_json
 
@@ -62,6 +64,9 @@ class PlanningBenchConfig:
     batch_size: int = flag(8, "videos per annotate batch (--run)")
     first_rows: bool = flag(False, "with --run: stop the run once its first rows are committed")
     decode_seconds: float = flag(0.0, "with --run: seconds the stub decode stage spends on each video")
+    segment_videos: int = flag(
+        PipelineConfig.segment_videos, "with --run: the run's --segment-videos (videos per Ray Dataset)"
+    )
     out: str = flag("bench-out/planning", "folder for the manifests and outputs")
 
     def __post_init__(self) -> None:
@@ -191,7 +196,7 @@ def peak_rss_mb() -> float:
 def _child(config: PlanningBenchConfig, manifest: Path, output: Path) -> dict:
     spec = {"input": str(manifest), "output": str(output), "limit": config.limit, "task": config.task,
             "run": config.run, "batch_size": config.batch_size, "first_rows": config.first_rows,
-            "decode_seconds": config.decode_seconds}  # fmt: skip
+            "decode_seconds": config.decode_seconds, "segment_videos": config.segment_videos}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, check=False
     )
@@ -200,18 +205,24 @@ def _child(config: PlanningBenchConfig, manifest: Path, output: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child(spec: dict) -> dict:
-    """The measured driver (in its own process): plan with ``--dry-run``, or run with stub stages."""
-    from pipeline.config import PipelineConfig
-    from pipeline.run import run_pipeline
-
+def run_config(spec: dict) -> PipelineConfig:
+    """The measured run's configuration: one stub actor, no GPU, resuming into the case's output."""
     limit = None if spec["limit"] < 0 else spec["limit"]
     first_rows = spec.get("first_rows", False)
-    config = PipelineConfig(
+    return PipelineConfig(
         input=spec["input"], output=spec["output"], task=spec["task"], limit=limit, dry_run=not spec["run"],
         batch_size=spec["batch_size"], num_actors=1, num_gpus=0, if_exists="resume",
+        segment_videos=spec.get("segment_videos", PipelineConfig.segment_videos),
         **({"rows_per_file": spec["batch_size"]} if first_rows else {}),
     )  # fmt: skip
+
+
+def child(spec: dict) -> dict:
+    """The measured driver (in its own process): plan with ``--dry-run``, or run with stub stages."""
+    from pipeline.run import run_pipeline
+
+    first_rows = spec.get("first_rows", False)
+    config = run_config(spec)
     started = time.perf_counter()
     first_part: list[float] = []
     if first_rows:

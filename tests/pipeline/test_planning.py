@@ -5,6 +5,7 @@ in bounded driver memory."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -151,6 +152,30 @@ def test_the_first_rows_benchmark_stops_a_stub_run_after_its_first_committed_row
     assert case["status"] == "interrupted" and 1 <= case["rows"] < 300 and case["rows_expected"] == 300
     assert 0 < case["first_rows_committed_seconds"] <= case["run_seconds"]
     assert 0 < case["driver_max_private_mb"] <= case["driver_max_rss_mb"]
+
+
+def test_the_planning_benchmark_passes_its_segment_size_to_the_measured_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole 10M-item run of BENCHMARKS §8 is measured with larger segments than the default."""
+    from pipeline.bench import planning
+    from pipeline.bench.planning import run_config
+
+    spec = {"input": "m.jsonl", "output": str(tmp_path), "limit": -1, "task": "caption", "run": True,
+            "batch_size": 256}  # fmt: skip
+    assert run_config(spec).segment_videos == PipelineConfig.segment_videos
+    assert run_config(spec | {"segment_videos": 2_500_000}).segment_videos == 2_500_000
+    assert run_config(spec | {"limit": 4}).limit == 4 and run_config(spec).limit is None
+    handed: list[dict] = []
+
+    def fake_run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        handed.append(json.loads(argv[-1]))
+        return subprocess.CompletedProcess(argv, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(planning.subprocess, "run", fake_run)
+    config = planning.PlanningBenchConfig(items=(10,), run=True, segment_videos=7, out=str(tmp_path))
+    assert planning._child(config, tmp_path / "m.jsonl", tmp_path / "out") == {"status": "ok"}
+    assert run_config(handed[0]).segment_videos == 7 and run_config(handed[0]).dry_run is False
 
 
 def test_sample_clips_are_cached_per_world_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
