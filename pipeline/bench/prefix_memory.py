@@ -50,7 +50,7 @@ class PrefixMemoryBenchConfig:
     full_length: bool = flag(
         False,
         "every question generates max_new_tokens (min_new_tokens = max_new_tokens: EOS is suppressed), so "
-        "the decode is long enough to time; off: the model's own answers (one word on the demo model)",
+        "the decode is long enough to time; off: the model's own answers (1-3 words on the demo model)",
     )
     threads: int = flag(1, "torch threads of each child process")
     repeats: int = flag(5, "timed calls of each layout in the speed process (medians)")

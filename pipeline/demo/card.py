@@ -114,9 +114,11 @@ def world_lines() -> list[str]:
         " (its clock);",
         f"- clips of {world.MIN_FRAMES}-{world.MAX_FRAMES} frames at {world.FRAME_WIDTH}x{world.FRAME_HEIGHT};"
         " the caption names each shape in order of appearance; the questions ask which colour appeared or"
-        " disappeared first or last, how many shapes appeared, and each shape's form and direction; each"
-        " MCQ item asks one of them with shuffled options, and the model answers with the option's text, then"
-        ' its letter ("purple D"; the letter is what is scored);',
+        " disappeared first or last, how many shapes appeared, and each shape's form and direction; a"
+        ' colour-keyed answer starts with its key ("blue triangle", "blue left"), the appeared-last one with'
+        ' the colours that appeared before it ("purple then blue"); each MCQ item asks one of them with'
+        ' shuffled options, and the model answers with the option\'s text, then its letter ("purple D"; the'
+        " letter is what is scored);",
         "- every answer depends on the few frames where a shape is visible and on the few visual tokens it"
         f" covers ({(2 * world.SHAPE_RADIUS) ** 2 / (world.FRAME_WIDTH * world.FRAME_HEIGHT):.0%} of the"
         " frame's area for a square).",

@@ -112,7 +112,7 @@ def generate_answers(
 def score_item(tally: Tally, item: world.EvalItem, answers: dict[str, str]) -> None:
     """Add one item's three generated answers (keyed by task) to ``tally``."""
     tally.add_caption(answers["caption"], item.caption)
-    tally.add("qa", [score_qa(answers["qa"], item.qa.answer)])
+    tally.add("qa", [score_qa(answers["qa"], item.qa.reply)])
     tally.add("mcq", [score_mcq(answers["mcq"], item.mcq.answer, len(item.mcq.options))])
 
 

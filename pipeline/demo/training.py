@@ -130,7 +130,7 @@ def conversation(clip: world.Clip, rng: np.random.Generator) -> list[dict]:
     # Half of the MCQ items repeat a QA question, so the option lookup can also be learned from text alone.
     multiple = {asked[j] if rng.random() < 0.5 else int(rng.integers(len(items))) for j in range(MCQ_TURNS)}
     turns = [(CAPTION_PROMPT, world.caption(clip))]
-    turns += [(pairs[i].question, pairs[i].answer) for i in asked]
+    turns += [(pairs[i].question, pairs[i].reply) for i in asked]
     turns += [(items[i].prompt, items[i].reply) for i in sorted(multiple)]
     messages = []
     for i in rng.permutation(len(turns)):
@@ -184,7 +184,7 @@ def drill_batch(processor: object, rng: np.random.Generator, count: int, heldout
         texts.append(processor.apply_chat_template(turns, tokenize=False))
     batch = dict(processor(text=texts, padding=True, return_tensors="pt"))
     answers = answer_labels(batch["input_ids"], processor.tokenizer)
-    # the reply is "<option> <letter>" then <|im_end|>: the letter is the answer's second-to-last token
+    # the reply ends "<option> <letter>" then <|im_end|>: the letter is the answer's second-to-last token
     last = (answers != IGNORE).cumsum(dim=1).argmax(dim=1)
     batch["letter_at"] = last - 1
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
@@ -361,7 +361,7 @@ def monitor_batches(
     items = [world.eval_item(s) for s in seeds]
     for count in frame_counts:
         videos = [world.render_frames(i.clip, segment_centres(i.clip.num_frames, count)) for i in items]
-        answers = {"caption": [i.caption for i in items], "qa": [i.qa.answer for i in items]}
+        answers = {"caption": [i.caption for i in items], "qa": [i.qa.reply for i in items]}
         answers["mcq"] = [i.mcq.reply for i in items]
         for task in scoring.TASKS:
             texts = [

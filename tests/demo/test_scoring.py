@@ -60,10 +60,23 @@ def test_ground_truth_scores_perfectly_on_world_items() -> None:
     for seed in world.heldout_seeds(20):
         item = world.eval_item(seed)
         scoring.score_item(
-            tally, item, {"caption": item.caption, "qa": item.qa.answer, "mcq": item.mcq.answer}
+            tally, item, {"caption": item.caption, "qa": item.qa.reply, "mcq": item.mcq.answer}
         )
     assert all(v == 1.0 for v in tally.summary().values())
     assert tally.summary()["qa"] == 1.0 and len(tally.hits["qa"]) == 20
+
+
+def test_a_led_question_is_scored_on_its_whole_reply() -> None:
+    """ "What shape was the blue one?" wants "blue triangle": the bare word, or the other shape's key, is wrong."""
+    items = [world.eval_item(seed) for seed in world.heldout_seeds(60)]
+    led = [i for i in items if i.qa.lead]
+    assert led and len(led) < len(items)  # both kinds were drawn
+    for item in led:
+        tally = scoring.Tally()
+        scoring.score_item(
+            tally, item, {"caption": item.caption, "qa": item.qa.answer, "mcq": item.mcq.answer}
+        )
+        assert tally.summary()["qa"] == 0.0
 
 
 def test_generic_metrics_are_defined_once_in_the_evaluation() -> None:

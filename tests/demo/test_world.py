@@ -77,6 +77,26 @@ def test_ground_truth_matches_the_script() -> None:
     assert answers["What colour was the shape that disappeared first?"] == first_gone.colour
 
 
+def test_replies_lead_keyed_and_appeared_last_answers_and_end_with_the_answer() -> None:
+    """The colour-keyed replies start with their key, the appeared-last reply with the colours before it
+    in the caption's order; every other reply is the one-word answer."""
+    shapes = set()
+    for seed in range(20):
+        clip = world.make_clip(seed)
+        shapes.add(len(clip.tracks))
+        colours = [t.colour for t in clip.tracks]
+        replies = {p.question: p.reply for p in world.qa_pairs(clip)}
+        for pair in world.qa_pairs(clip):
+            assert pair.reply.split()[-1] == pair.answer
+        last = "What colour was the shape that appeared last?"
+        assert replies[last] == " then ".join(colours)  # "purple then blue", or "purple" alone
+        assert replies["What colour was the shape that appeared first?"] == colours[0]
+        for t in clip.tracks:
+            assert replies[f"What shape was the {t.colour} one?"] == f"{t.colour} {t.shape}"
+            assert replies[f"Which way did the {t.colour} shape move?"] == f"{t.colour} {t.motion}"
+    assert shapes == {1, 2}  # both kinds of clip were checked
+
+
 def test_mcq_items_hold_the_answer_once() -> None:
     for seed in range(20):
         clip = world.make_clip(seed)
@@ -235,11 +255,13 @@ def test_shapes_sit_on_the_token_grid_so_each_token_shows_a_fixed_quarter_of_its
 def test_mcq_reply_names_the_option_then_its_letter_and_parses_to_the_letter() -> None:
     from pipeline.prompts import parse_mcq_answer
 
-    letters = set()
+    letters, led = set(), 0
     for seed in range(30):
-        for item in world.mcq_items(world.make_clip(seed)):
+        clip = world.make_clip(seed)
+        for pair, item in zip(world.qa_pairs(clip), world.mcq_items(clip), strict=True):
             word, letter = item.reply.rsplit(" ", 1)
-            assert letter == item.answer and word == item.options["ABCD".index(item.answer)]
+            assert letter == item.answer and word == item.options["ABCD".index(item.answer)] == pair.answer
             assert parse_mcq_answer(item.reply, len(item.options)) == item.answer
             letters.add(item.answer)
-    assert letters == set("ABCD")  # the answers vary
+            led += bool(pair.lead)  # the QA reply of the same question is led; the MCQ reply is not
+    assert letters == set("ABCD") and led > 0  # the answers vary
