@@ -96,9 +96,10 @@ class OutputLease:
             while not self.fs.exists(folder):  # the folders this run creates: removed again if left empty
                 self._created.append(folder)
                 folder = folder.rsplit("/", 1)[0]
-            self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         waited = False
         while True:
+            if not self.object_store:  # each time: a holder that created the folder removes it when done
+                self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
             if self._try_create():
                 break
             holder, etag = self._read()
