@@ -67,7 +67,7 @@ def test_ground_truth_scores_perfectly_on_world_items() -> None:
 
 
 def test_a_led_question_is_scored_on_its_whole_reply() -> None:
-    """ "What shape was the blue one?" wants "blue triangle": the bare word, or the other shape's key, is wrong."""
+    """ "What shape was the blue one?" wants "blue triangle": the bare word "triangle" is scored wrong."""
     items = [world.eval_item(seed) for seed in world.heldout_seeds(60)]
     led = [i for i in items if i.qa.lead]
     assert led and len(led) < len(items)  # both kinds were drawn
