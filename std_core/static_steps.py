@@ -5,7 +5,12 @@ A *static step* is a draft step (``[B, 1]`` tokens over the sparse cache) or a v
 
 - the tokens ``[B, q]`` and their RoPE positions (``[3, B, q]`` M-RoPE, ``[B, q]`` 1-D);
 - the write slots ``[B, q]`` (``lengths[b] + pending + i``), a tensor: new keys and values are
-  scattered there, never sliced at a Python length;
+  scattered there, never sliced at a Python length, by the custom op :func:`write_slots`, which
+  mutates the cache buffers in place. (A plain ``scatter_`` on a buffer that the compiled graph
+  receives as an input is functionalized by ``torch.compile`` into an out-of-place scatter plus a
+  copy of the whole buffer back into the input: every compiled step then copied the whole KV cache,
+  which made the compiled dense step of the demo model cost 2.1x the eager one on CPU. A custom op
+  that declares its mutation is re-inplaced by inductor, so the step writes only its own slots.)
 - the additive mask ``[B, 1, groups · q, capacity]``, a view of the cache's preallocated bias over
   the cache's **whole capacity**. Slots no query may see hold −inf, so after the softmax they weigh
   exactly 0, and their values (zeros, or finite states of dropped tokens) add exactly 0. Every value
@@ -53,6 +58,33 @@ def bucket_capacity(slots: int) -> int:
     return -(-slots // CAPACITY_STEP) * CAPACITY_STEP
 
 
+@torch.library.custom_op("std_core::write_slots", mutates_args=("keys", "values"))
+def write_slots(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+) -> None:
+    """``keys[b, :, slots[b, i]] = key_states[b, :, i]`` (values likewise), in place: buffers
+    ``[B, KVH, capacity, D]``, slots ``[B, q]``, states ``[B, KVH, q, D]``."""
+    batch, heads, q, dim = key_states.shape
+    index = slots[:, None, :, None].expand(batch, heads, q, dim)
+    keys.scatter_(2, index, key_states)
+    values.scatter_(2, index, value_states)
+
+
+@write_slots.register_fake
+def _write_slots_fake(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+) -> None:
+    return None
+
+
 class StaticLayer(CacheLayerMixin):
     """One layer of :class:`StaticSlots`: scatters new states at the owner's ``slots`` and returns
     the layer's whole fixed-capacity buffers."""
@@ -73,11 +105,9 @@ class StaticLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``[B, KVH, q, D]`` at ``owner.slots [B, q]``; return keys/values ``[B, KVH, capacity, D]``."""
-        batch, heads, q, dim = key_states.shape
-        index = self.owner.slots[:, None, :, None].expand(batch, heads, q, dim)
-        self.keys.scatter_(2, index, key_states)
-        self.values.scatter_(2, index, value_states)
+        """Write ``[B, KVH, q, D]`` at ``owner.slots [B, q]`` (in place, :func:`write_slots`); return
+        keys/values ``[B, KVH, capacity, D]``."""
+        write_slots(self.keys, self.values, self.owner.slots, key_states, value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -153,6 +153,35 @@ def test_compiled_dense_and_auto_modes_equal_generate() -> None:
     assert auto.stats.static_steps == "compile" and auto.stats.compiles >= 2
 
 
+def test_compiled_steps_write_the_cache_in_place() -> None:
+    """What the compiler gets of a step's cache write: the in-place custom op ``write_slots`` once per
+    layer (inductor re-inplaces it), never a functionalized ``scatter`` of a whole cache buffer, which
+    ends in a copy of the whole buffer back into the cache every step (the compiled dense step of the
+    demo model cost 2.1x the eager one on CPU through it). Checked on the graphs AOT autograd hands
+    to the backend: the graph inductor would compile."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.register_backend(aot_autograd(fw_compiler=record), name="std_record_graphs")
+    c = ex.case("qwen2_vl")
+    config = StdConfig(gamma=4, sparse_budget=40, static_steps="compile", compile_backend="std_record_graphs")
+    result = c.decode(config)
+    tm.assert_same(result.sequences, c.reference)
+    assert len(graphs) == 2  # the draft step and the verify step
+    layers = c.tiny.model.config.text_config.num_hidden_layers
+    for gm in graphs:
+        targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+        assert not [t for t in targets if "scatter" in t], targets
+        writes = [n for n in gm.graph.nodes if "auto_functionalized" in str(n.target)]
+        assert len(writes) == layers and all("write_slots" in str(n.args[0]) for n in writes)
+
+
 @pytest.mark.slow
 def test_compiled_steps_sample_the_dense_joint_distribution() -> None:
     inputs, exact, eager_decoder = ts.joint_case()
