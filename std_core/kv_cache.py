@@ -242,7 +242,9 @@ class SlotCache(Cache):
         src = torch.where(used, other.lengths[:, None] - counts[:, None] + i, 0)[:, None, :, None]
         dst = torch.where(used, self.lengths[:, None] + i, self.capacity - 1)[:, None, :, None]
         self._copy(other, src, dst)
-        self.pending = q
+        # the appended slots were never painted: commit must paint them (kept ones visible), even
+        # when every row keeps all of them (otherwise they stay masked, and drafts miss them)
+        self.pending, self._painted = q, False
         self.commit(counts, counts_host)
 
     def _copy(self, other: SlotCache, src: torch.Tensor, dst: torch.Tensor) -> None:

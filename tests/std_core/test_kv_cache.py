@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from std_core.kv_cache import SlotCache
@@ -123,4 +124,18 @@ def test_append_from_catches_rows_up_by_their_own_counts() -> None:
     assert keys[0, 3:5].tolist() == [105.0, 106.0]  # dense row 0's last two committed slots
     assert keys[1, 4].item() == 0.0  # row 1 appended nothing (its window went to the spare slot)
     assert sparse.lengths.tolist() == [5, 4]
+    assert torch.equal(sparse.begin_forward(1) == 0, sparse.allowed(1, groups=1))
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [2, 0]])
+def test_appended_slots_are_visible_to_the_next_forward(counts: list[int]) -> None:
+    """The decoder builds the mask before the first round, so the tokens a catch-up appends after
+    dense rounds must be painted visible, also when every row appends the same count (all kept).
+    They were not: every draft after a catch-up attended without the tokens the dense rounds had
+    committed (outputs stayed exact, the drafts were rejected more often)."""
+    dense = _cache(lengths=[7, 9], starts=[0, 0], capacity=12)
+    sparse = _cache(lengths=[3, 4], starts=[1, 0], capacity=8)
+    sparse.prepare_mask()
+    sparse.append_from(dense, torch.tensor(counts), counts)
+    assert sparse.lengths.tolist() == [3 + counts[0], 4 + counts[1]]
     assert torch.equal(sparse.begin_forward(1) == 0, sparse.allowed(1, groups=1))
