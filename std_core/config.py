@@ -80,7 +80,7 @@ class StdConfig:
             CUDA; each (batch, γ, capacity) bucket compiles once, on its first call (timed in
             ``DecodeStats.compile_seconds``). ``"eager"``: the same static steps, not compiled.
             ``"off"``: the Hugging Face forward over the used cache prefix. ``"auto"`` (default):
-            ``"off"`` on CPU, where compiled steps measured slower (see BENCHMARKS.md); on CUDA
+            ``"off"`` on CPU, where compiled steps cost about what eager ones do (BENCHMARKS.md §9); on CUDA
             ``"compile"`` once :data:`COMPILE_ON_CUDA` is set, which waits for the compiled and
             graph-captured steps to pass ``scripts/gpu_check.py`` on a GPU (they have never run on
             one), and ``"off"`` until then. Architectures the static step does not support decode
