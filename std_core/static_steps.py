@@ -75,14 +75,8 @@ def write_slots(
 
 
 @write_slots.register_fake
-def _write_slots_fake(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slots: torch.Tensor,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-) -> None:
-    return None
+def _write_slots_fake(*tensors: torch.Tensor) -> None:
+    """Tracing: the op returns nothing (its effect is the declared mutation)."""
 
 
 class StaticLayer(CacheLayerMixin):
