@@ -168,9 +168,10 @@ def test_compiled_steps_write_the_cache_in_place() -> None:
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    torch._dynamo.register_backend(aot_autograd(fw_compiler=record), name="std_record_graphs")
+    backend = f"std_record_graphs_{id(graphs)}"  # a backend name registers once per process
+    torch._dynamo.register_backend(aot_autograd(fw_compiler=record), name=backend)
     c = ex.case("qwen2_vl")
-    config = StdConfig(gamma=4, sparse_budget=40, static_steps="compile", compile_backend="std_record_graphs")
+    config = StdConfig(gamma=4, sparse_budget=40, static_steps="compile", compile_backend=backend)
     result = c.decode(config)
     tm.assert_same(result.sequences, c.reference)
     assert len(graphs) == 2  # the draft step and the verify step
