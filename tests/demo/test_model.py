@@ -22,6 +22,7 @@ from pipeline.demo import builders, model_dir, scoring, world
 from pipeline.frames import segment_centres
 from pipeline.prompts import CAPTION_PROMPT, chat_prompt
 from std_core import SparseToDenseDecoder, StdConfig
+from std_core.auto import FixedSchedule
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = model_dir.default_model_dir()
@@ -326,21 +327,16 @@ def test_std_equals_dense_on_heldout_clips(committed: tuple, budget: int) -> Non
         assert all(r.accepted == r.drafted for r in rows)
 
 
-class _DenseThenDrafts:
+class _DenseThenDrafts(FixedSchedule):
     """A round schedule: ``dense`` dense rounds (γ = 0), then γ every round (as auto switches)."""
 
     def __init__(self, dense: int, gamma: int) -> None:
-        self.dense, self.gamma, self.rounds = dense, gamma, 0
+        super().__init__(gamma)
+        self.dense, self.rounds = dense, 0
 
     def next_gamma(self, limit: int) -> int:
         self.rounds += 1
-        return 0 if self.rounds <= self.dense else min(self.gamma, limit)
-
-    def record(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
+        return 0 if self.rounds <= self.dense else super().next_gamma(limit)
 
 
 @pytest.mark.slow
