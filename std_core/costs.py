@@ -9,6 +9,7 @@ below turn either into tokens per second per γ, the best γ and the break-even 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -20,7 +21,12 @@ import torch
 
 _WINDOW = 9  # rounds whose median is a measured step cost
 PROBE_EVERY = 16  # dense rounds between two probe rounds that re-measure acceptance (see auto)
-PROBE_GAMMA = 2  # a probe's drafts
+_PRIOR_ROUNDS = 2.0  # weight of the prior acceptance, in rounds
+_DEFAULT_ALPHA = 0.9  # the prior of a model's first call: the paper's acceptance profile (62% at γ = 9)
+_MEMORY = 256.0  # drafts of evidence an acceptance estimate keeps (older ones fade)
+# rounds of a γ after which it costs what they measured (a first drafted round after dense ones also
+# copies what the sparse cache missed: one such round is not what the next ones cost)
+MEASURED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,6 @@ class StepCosts:
 
     def round_seconds(self, gamma: int) -> float:
         return self.dense_step if gamma == 0 else gamma * self.draft_step + self.verify(gamma + 1)
-
-    def tokens(self, gamma: int, alpha: float) -> float:
-        """Tokens a round of γ drafts commits: :func:`expected_tokens`."""
-        return expected_tokens(alpha, gamma)
 
     def speedup(self, alpha: float, gamma: int) -> float:
         """Decode speedup over dense of fixed-γ rounds at per-draft acceptance α (the projection)."""
@@ -81,73 +83,112 @@ def verify_sizes(gamma_max: int) -> list[int]:
 class RoundCostModel(Protocol):
     def round_seconds(self, gamma: int) -> float: ...
 
-    def tokens(self, gamma: int, alpha: float) -> float: ...
-
 
 class Running:
-    """A measured quantity: the median (or mean) of its last ``_WINDOW`` observations (None before the
-    first). Costs take the median (one slow round moves nothing); a round's worth the mean (a round
-    cut short by a rejection, or by the end of the call, is what long rounds cost)."""
+    """A measured quantity: the median of its last ``_WINDOW`` observations (None before the first),
+    so one slow round on a shared machine moves nothing."""
 
-    def __init__(self, mean: bool = False) -> None:
+    def __init__(self) -> None:
         self.values: deque[float] = deque(maxlen=_WINDOW)
         self.value: float | None = None
-        self._stat = statistics.fmean if mean else statistics.median
 
     def add(self, value: float) -> None:
         self.values.append(value)
-        self.value = self._stat(self.values)
+        self.value = statistics.median(self.values)
+
+
+class AcceptanceEstimate:
+    """The per-draft acceptance of a batch: how far its rounds moved it, as truncated-geometric
+    outcomes (a round of γ that moved the batch ``a`` tokens accepted ``a − 1`` drafts, and was ended
+    by a rejection when ``a ≤ γ``). α̂ = accepted / (accepted + rejections), starting from a prior
+    worth ``_PRIOR_ROUNDS`` rounds; the counts are kept across calls and forget the oldest evidence
+    past ``_MEMORY`` drafts, so the estimate follows a workload that changes.
+
+    :meth:`upper` is the optimistic end of what the evidence allows (two standard errors up): auto
+    explores with it (is a probe worth it? which γ?), and decides with :attr:`alpha`."""
+
+    def __init__(self, prior: float, weight: float = _PRIOR_ROUNDS) -> None:
+        self.accepted = prior * weight
+        self.rejections = (1.0 - prior) * weight
+
+    def update(self, accepted: float, rejections: float) -> None:
+        """Record one round: drafts accepted and rounds ended by a rejection."""
+        self.accepted += accepted
+        self.rejections += rejections
+        total = self.accepted + self.rejections
+        if total > _MEMORY:
+            self.accepted *= _MEMORY / total
+            self.rejections *= _MEMORY / total
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / max(self.accepted + self.rejections, 1e-12)
+
+    @property
+    def trials(self) -> float:
+        return self.accepted + self.rejections
+
+    def upper(self) -> float:
+        """α̂ plus two standard errors (of a smoothed α̂, so that no evidence of a draft ever accepted
+        still leaves room to look again), at most 1."""
+        n = self.trials
+        smoothed = (self.accepted + 0.5) / (n + 1.0)
+        return min(1.0, self.alpha + 2.0 * math.sqrt(smoothed * (1.0 - smoothed) / (n + 1.0)))
 
 
 @dataclass
 class RoundCosts:
-    """Seconds of a round of each γ, and the tokens it is worth to the batch, from the calibration and
-    what the rounds themselves measure (:meth:`observe`).
+    """Seconds of a round of each γ, the acceptance of the batches, and how long calls run: from the
+    calibration and what the rounds themselves measure (:meth:`observe`, :meth:`observe_call`).
 
-    Seconds. A dense round costs what the dense rounds measured (the median of the last ones, wall
-    time); before the first, ``dense + bookkeeping`` of the calibration. A drafted round of γ costs
+    Seconds. A round of a γ that has run ``MEASURED_ROUNDS`` times (dense, γ = 0: once) costs what
+    its rounds measured: the median wall time of its last rounds. One that has not costs
     ``γ · draft + verify(γ + 1) + bookkeeping``: a shared machine's speed drifts (on the development
     CPU by up to 2× between calls), so every round's verify (a dense round's is its dense step),
     against the calibrated verify of its size, gives the machine's speed at that round (``speed``);
-    the draft step and the bookkeeping are kept in calibrated units (measured ÷ that round's speed),
-    so a draft measured in a slow minute cannot tip the choice. The verify sizes stay the
-    calibration's, scaled by the speed: for the γ that runs, that is its own measured verify. The dense
-    step is *not* scaled by that speed: it is measured by dense rounds. Otherwise a calibrated
-    verify/dense ratio that is off (on the development CPU a verify of 2 tokens measured 1.13 dense
-    steps in the calibration and 1.27 in the rounds) would make the dense rounds look as much dearer
-    as the drafted ones are, and never be corrected.
+    the draft step and the bookkeeping are kept in calibrated units (measured ÷ that round's speed), so
+    a draft measured in a slow minute cannot tip the choice, and the verify of an unmeasured size is
+    the calibration's, scaled by that speed. Before the first dense round, a dense round is the
+    calibration's ``dense + bookkeeping``.
 
-    Tokens. A batch decodes until its slowest row is done, and its last round commits only what is
-    left: on the demo model's captions (7 or 14 tokens, batch 8) rounds of 4 drafts at an acceptance
-    of 0.97 moved the batch 3.25 tokens each (13 steps in 4 rounds), not the 4.7 that
-    :func:`expected_tokens` gives. So a round is worth its measured *advance*
-    (:attr:`std_core.rows.Rows.advance`: how far it moved the slowest live row; over a call the
-    advances sum to the decode steps), kept per γ as its ratio to :func:`expected_tokens` at the
-    acceptance of the time (``efficiency``), which follows α as batches change. A γ that has not run takes the ratio interpolated from the γ that have (the nearest, past
-    the measured ones), so one long round measured to be worth little makes its neighbours look as
-    little worth.
+    Acceptance (:class:`AcceptanceEstimate`): what the batch's rounds moved it, so that the rows a
+    batch waits for (of 8 rows accepting 97% of drafts each, the slowest of a round's 8 draws) decide
+    it; in a round in which one of those rows stopped, the drafts it moved count as accepted and its
+    end as no rejection (the stop ended it: a censored observation).
+
+    Length. A call's rounds are worth what is left of it: a batch whose captions end after 13 decode
+    steps takes 3 rounds of 4 drafts (15 slots) but also 3 of 6 (one rejection), so a γ is worth
+    ``E[min(tokens of the round, steps left)]``. The steps a call takes are learned from the calls that
+    ended before their budget (``lengths``, the last ``_WINDOW``); the steps left are those of each
+    such call past the current one's progress, each equally likely (the budget, when no earlier call
+    ran this far).
 
     Shared by the calls on one model and shape bucket, like the probe interval: a workload whose probes
     keep failing probes ever more rarely, across calls, not only within one."""
 
     calibrated: StepCosts
+    acceptance: AcceptanceEstimate = field(default_factory=lambda: AcceptanceEstimate(_DEFAULT_ALPHA))
     probe_every: int = PROBE_EVERY  # dense rounds between probes (doubles after each failed probe)
     speed: Running = field(default_factory=Running)  # measured / calibrated verify
     draft: Running = field(default_factory=Running)  # a draft step, calibrated units
     bookkeeping: dict[bool, Running] = field(default_factory=lambda: {False: Running(), True: Running()})
-    dense: Running = field(default_factory=Running)  # a dense round's wall seconds
-    efficiency: dict[int, Running] = field(default_factory=dict)  # γ -> advance / expected tokens
+    rounds: dict[int, Running] = field(default_factory=dict)  # γ -> a round's wall seconds
+    lengths: deque[int] = field(default_factory=lambda: deque(maxlen=_WINDOW))  # decode steps per call
     since_probe: int = 0  # dense rounds (that could have drafted) since the last probe
 
     @property
     def measured_dense(self) -> bool:
         """A dense round has been measured (auto runs one first in a new bucket)."""
-        return self.dense.value is not None
+        return 0 in self.rounds
+
+    def measured_rounds(self, gamma: int) -> int:
+        """Rounds of γ in the current window of measurements."""
+        return len(self.rounds[gamma].values) if gamma in self.rounds else 0
 
     def round_seconds(self, gamma: int) -> float:
+        if self.measured_rounds(gamma) >= (MEASURED_ROUNDS if gamma else 1):
+            return self.rounds[gamma].value
         cal = self.calibrated
-        if gamma == 0 and self.dense.value is not None:
-            return self.dense.value
         book = self.bookkeeping[gamma > 0].value  # a drafted round's, until measured: a dense round's
         book = book if book is not None else (self.bookkeeping[False].value or 0.0)
         if gamma == 0:
@@ -157,33 +198,11 @@ class RoundCosts:
             steps = gamma * draft + cal.verify(gamma + 1)
         return (self.speed.value or 1.0) * (steps + book)
 
-    def tokens(self, gamma: int, alpha: float) -> float:
-        """Tokens a round of γ drafts is worth to the batch: :func:`expected_tokens` at α times the
-        measured efficiency of γ (interpolated where γ has not run; 1 before any drafted round)."""
-        return expected_tokens(alpha, gamma) * (self.efficiency_of(gamma) if gamma else 1.0)
-
-    def efficiency_of(self, gamma: int) -> float:
-        """Measured advance ÷ expected tokens of rounds of γ; where γ has not run, linear between the
-        nearest measured γ below and above it, else the nearest; 1.0 when none has run."""
-        if gamma in self.efficiency:
-            return self.efficiency[gamma].value
-        below = max((g for g in self.efficiency if g < gamma), default=None)
-        above = min((g for g in self.efficiency if g > gamma), default=None)
-        if below is None and above is None:
-            return 1.0
-        if below is None or above is None:
-            return self.efficiency[above if below is None else below].value
-        lo, hi = self.efficiency[below].value, self.efficiency[above].value
-        return lo + (hi - lo) * (gamma - below) / (above - below)
-
-    def reach(self, gamma_max: int) -> int:
-        """The longest round worth choosing now: the calibration's whole range until a drafted round
-        has run, then at most one more than twice the longest that has. A γ far past the measured ones
-        takes their efficiency, which a short call's last round (cut to what is left) makes too
-        optimistic: rounds grow by steps that each get measured, not in one jump from a probe to γ max."""
-        if not self.efficiency:
-            return gamma_max
-        return min(gamma_max, 2 * max(self.efficiency) + 1)
+    def horizons(self, steps: int, budget: int) -> list[int]:
+        """The decode steps left to a call that has taken ``steps`` and may take ``budget`` more: one
+        per learned call length past ``steps`` (each at most ``budget``), else ``[budget]``."""
+        ahead = [min(n - steps, budget) for n in self.lengths if n > steps]
+        return ahead or [budget]
 
     def observe(
         self,
@@ -191,22 +210,27 @@ class RoundCosts:
         seconds: float,
         draft_seconds: float,
         verify_seconds: float,
-        advance: float | None = None,
-        alpha: float | None = None,
+        advance: int | None = None,
+        cut: bool = False,
     ) -> None:
         """One round of γ drafts: its wall seconds, the seconds of its draft and verify phases, and
-        how far it moved the batch (None: not known) at the acceptance α of the time."""
-        if gamma and advance is not None and alpha is not None:
-            ratio = advance / expected_tokens(alpha, gamma)
-            self.efficiency.setdefault(gamma, Running(mean=True)).add(ratio)
+        how far it moved the batch (None: not known; ``cut``: a row the batch waited for stopped)."""
+        if gamma and advance is not None:
+            accepted = min(advance, gamma + 1) - 1
+            self.acceptance.update(accepted, int(accepted < gamma and not cut))
         reference = self.calibrated.dense_step if gamma == 0 else self.calibrated.verify(gamma + 1)
         speed = max(verify_seconds, 1e-9) / reference
         self.speed.add(speed)
-        if gamma == 0:
-            self.dense.add(seconds)
-        else:
+        self.rounds.setdefault(gamma, Running()).add(seconds)
+        if gamma:
             self.draft.add(draft_seconds / gamma / speed)
         self.bookkeeping[gamma > 0].add(max(0.0, seconds - draft_seconds - verify_seconds) / speed)
+
+    def observe_call(self, steps: int, budget_reached: bool) -> None:
+        """A call is done after ``steps`` decode steps (the sum of its rounds' advances); one that its
+        budget ended says nothing of how long its outputs would have run."""
+        if not budget_reached and steps > 0:
+            self.lengths.append(steps)
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -218,14 +242,29 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def round_rates(costs: RoundCostModel, alpha: float, gamma_max: int) -> list[float]:
-    """Tokens per second of rounds of each γ in ``0..gamma_max`` at per-draft acceptance α."""
-    return [costs.tokens(g, alpha) / costs.round_seconds(g) for g in range(gamma_max + 1)]
+def round_worths(alpha: float, gamma_max: int, horizons: Sequence[int] | None = None) -> list[float]:
+    """Tokens a round of each γ in ``0..gamma_max`` is worth at per-draft acceptance α: its
+    :func:`expected_tokens`, or, given the steps a call may have left (``horizons``, equally likely),
+    the mean of ``E[min(tokens, h)]``, which is the expected tokens of ``min(γ, h − 1)`` drafts."""
+    table = [expected_tokens(alpha, g) for g in range(gamma_max + 1)]
+    if not horizons:
+        return table
+    return [statistics.fmean(table[max(0, min(g, h - 1))] for h in horizons) for g in range(gamma_max + 1)]
 
 
-def best_gamma(costs: RoundCostModel, alpha: float, gamma_max: int) -> int:
+def round_rates(
+    costs: RoundCostModel, alpha: float, gamma_max: int, horizons: Sequence[int] | None = None
+) -> list[float]:
+    """Tokens per second of rounds of each γ in ``0..gamma_max`` (:func:`round_worths` ÷ seconds)."""
+    worths = round_worths(alpha, gamma_max, horizons)
+    return [worths[g] / costs.round_seconds(g) for g in range(gamma_max + 1)]
+
+
+def best_gamma(
+    costs: RoundCostModel, alpha: float, gamma_max: int, horizons: Sequence[int] | None = None
+) -> int:
     """The γ in ``0..gamma_max`` with the most tokens per second (0: dense is best)."""
-    rates = round_rates(costs, alpha, gamma_max)
+    rates = round_rates(costs, alpha, gamma_max, horizons)
     return max(range(gamma_max + 1), key=lambda g: (rates[g], -g))
 
 

@@ -200,7 +200,7 @@ class _Decode:
         with self.timer.phase("rounds"):
             while not self.rows.all_finished:
                 self.round()
-        self.schedule.finish()
+        self.schedule.finish(budget_reached=max(self.rows.generated) >= self.stop.max_new_tokens)
         return GenerateResult(self.rows.sequences(), self.stats())
 
     # ------------------------------------------------------------------------------ prefill, select
@@ -282,7 +282,8 @@ class _Decode:
         accepted, bonus = self.accept(drafts, dense, q, uniforms)  # 3. accept prefix + bonus
         behind = self.roll_back(drafts, accepted, bonus, gamma)  # 4. roll back to pending + accepted
         draft_seconds = self.timer.latest("draft") if gamma else 0.0
-        self.schedule.record(gamma, behind, draft_seconds, self.timer.latest("verify"), self.rows.advance)
+        verify_seconds = self.timer.latest("verify")
+        self.schedule.record(gamma, behind, draft_seconds, verify_seconds, self.rows.advance, self.rows.cut)
 
     def draft(self, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """γ sparse forwards, each fed the previous token: drafts ``[B, γ]``, their q ``[B, γ, V]``."""

@@ -40,6 +40,7 @@ class Rows:
         self.none_accepted = torch.zeros(batch, dtype=torch.long, device=device)  # a dense round's
         self._offsets = torch.arange(width, device=device)
         self.advance = 0  # how far the last commit moved the batch (see :meth:`commit`)
+        self.cut = False  # a row the batch waited for stopped in the last commit (see :meth:`commit`)
 
     def lengths(self) -> list[int]:
         """Committed ids per row, prompt included."""
@@ -71,10 +72,12 @@ class Rows:
         Sets ``advance``: how far the round moved the batch, i.e. the fewest tokens of a row still
         live after it (the largest of the rows it ended, when it ended every row) minus the fewest of
         a row live before it. Over a call the advances sum to the longest output minus its first
-        token: the decode steps a batch takes, which is what a round of some γ is worth."""
+        token: the decode steps a batch takes, which is what a round of some γ is worth. Sets ``cut``
+        when one of the rows furthest behind stopped in this round (end of sequence, a stop string or
+        its budget): the advance then ended with that row, not with a rejected draft."""
         count, ends, keep = self._commit_on_device(new, accepted)
         host = torch.stack([accepted, count, ends.long()], dim=1).tolist()  # the round's one host sync
-        keep_host, outcomes, behind, reached = [0] * len(host), [], [], 0
+        keep_host, outcomes, behind, reached, cut = [0] * len(host), [], [], 0, False
         last = min((g for g, f in zip(self.generated, self.finished, strict=True) if not f), default=0)
         for b, (a, n, end) in enumerate(host):
             if self.finished[b]:
@@ -91,9 +94,11 @@ class Rows:
             self.stats[b] += outcomes[-1]
             if lagging:
                 behind.append(outcomes[-1])
+                cut = cut or bool(end)
             reached = max(reached, self.generated[b])
         live = [g for g, f in zip(self.generated, self.finished, strict=True) if not f]
         self.advance = (min(live) if live else reached) - last
+        self.cut = cut
         return keep, keep_host, outcomes, behind
 
     def _commit_on_device(

@@ -147,16 +147,19 @@ def test_rows_stop_at_eos_at_different_times(arch: str) -> None:
 def test_round_advances_sum_to_the_decode_steps(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What auto values a round by: how far it moved the batch's slowest live row. In a batch whose
     rows stop at different times the advances of a call sum to its longest output minus the first
-    token (the prefill's), whatever each round drafted."""
+    token (the prefill's), whatever each round drafted; a round is ``cut`` when the rows furthest behind
+    stopped in it."""
     from std_core import auto
 
     advances: list[int] = []
+    cuts: list[bool] = []
     for schedule in (auto.FixedSchedule, auto.AutoSchedule):
         real = schedule.record
 
-        def record(self, gamma, outcomes, draft, verify, advance=None, _real=real) -> None:  # noqa: ANN001
+        def record(self, gamma, outcomes, draft, verify, advance=None, cut=False, _real=real) -> None:  # noqa: ANN001
             advances.append(advance)
-            _real(self, gamma, outcomes, draft, verify, advance)
+            cuts.append(cut)
+            _real(self, gamma, outcomes, draft, verify, advance, cut)
 
         monkeypatch.setattr(schedule, "record", record)
     c = case("qwen2_vl")
@@ -165,6 +168,8 @@ def test_round_advances_sum_to_the_decode_steps(mode: str, monkeypatch: pytest.M
     generated = [row.generated for row in result.stats.rows]
     assert len(set(generated)) > 1 and len(advances) == result.stats.batch_rounds
     assert all(a >= 1 for a in advances) and sum(advances) == max(generated) - 1
+    # the last round stopped the rows the batch waited for; most rounds stopped none of them
+    assert cuts[-1] and sum(cuts) < len(cuts) / 2, cuts
 
 
 def test_a_deliberately_bad_draft_still_gives_the_dense_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +212,7 @@ def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: 
     from std_core.auto import AutoPolicy
 
     pattern = iter([0, 0, 3, 0, 0, 0, 5, 1, 0, 2] * 10)
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self: next(pattern))
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, limit=None: next(pattern))
     c = case("qwen2_vl")
     result = c.decode(StdConfig(mode="auto", gamma=6, sparse_budget=40))
     tm.assert_same(result.sequences, c.reference)

@@ -196,7 +196,7 @@ def test_switching_between_dense_and_draft_rounds_keeps_the_output(monkeypatch: 
     from std_core.auto import AutoPolicy
 
     pattern = iter([0, 0, 3, 0, 0, 0, 4, 1, 0, 2] * 10)
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self: next(pattern))
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, limit=None: next(pattern))
     c = case("qwen2_5_vl")
     result, expected = c.shared(StdConfig(mode="auto", gamma=4, sparse_budget=SMALL_BUDGET), videos=[0, 1])
     tm.assert_same(result.sequences, expected)
